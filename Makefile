@@ -1,0 +1,28 @@
+# The commands the README gives. `make run` and `make test` work on a fresh checkout: both fetch
+# the embedding model first when it is missing.
+
+MODEL_DIR := models/all-MiniLM-L6-v2
+ARGS ?=
+
+.PHONY: run test lint bench model clean-model
+
+run: model
+	cargo run --release -- serve $(ARGS)
+
+test: model
+	cargo test --all-targets
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+bench: model
+	cargo bench
+
+model: $(MODEL_DIR)/model.safetensors
+
+$(MODEL_DIR)/model.safetensors:
+	./models/fetch
+
+clean-model:
+	rm -rf $(MODEL_DIR)

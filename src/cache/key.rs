@@ -1,0 +1,132 @@
+//! What identifies a cached answer: the tenant, the context fingerprint and the prompt.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::index::PartitionId;
+
+/// A SHA-256 digest, shown as hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest32(pub [u8; 32]);
+
+impl Digest32 {
+    /// Hashes the parts under a domain label, with lengths so that part boundaries count.
+    pub fn of(domain: &str, parts: &[&[u8]]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update((domain.len() as u64).to_le_bytes());
+        hasher.update(domain.as_bytes());
+        for part in parts {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        Self(hasher.finalize().into())
+    }
+
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for Digest32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+/// Whose cache an entry belongs to: a one-way hash of the client's bearer key, never the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TenantId(pub Digest32);
+
+impl TenantId {
+    /// The tenant of clients that send no key, and of everyone under `--scope shared`.
+    pub fn shared() -> Self {
+        Self(Digest32::of("semcache/tenant/v1", &[b"shared"]))
+    }
+
+    pub fn from_api_key(api_key: &str) -> Self {
+        Self(Digest32::of("semcache/tenant/v1", &[b"key", api_key.as_bytes()]))
+    }
+}
+
+/// A hash of everything in a request, other than the embedded prompt, that changes the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub Digest32);
+
+/// The exact-match key: tenant, fingerprint and the prompt byte for byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExactKey(pub Digest32);
+
+/// Everything the cache needs to know about a request.
+#[derive(Debug, Clone)]
+pub struct RequestKey {
+    pub tenant: TenantId,
+    pub fingerprint: Fingerprint,
+    /// The text that is embedded: the last user message.
+    pub prompt: String,
+    pub exact: ExactKey,
+}
+
+impl RequestKey {
+    pub fn new(tenant: TenantId, fingerprint: Fingerprint, prompt: String) -> Self {
+        let exact = ExactKey(Digest32::of(
+            "semcache/exact/v1",
+            &[&tenant.0 .0, &fingerprint.0 .0, prompt.as_bytes()],
+        ));
+        Self {
+            tenant,
+            fingerprint,
+            prompt,
+            exact,
+        }
+    }
+
+    /// The index partition this request may be answered from.
+    pub fn partition(&self) -> PartitionId {
+        partition_of(self.tenant, self.fingerprint)
+    }
+
+    /// Whether the prompt carries text to compare by meaning. A prompt of images alone is
+    /// only ever matched exactly.
+    pub fn is_semantic(&self) -> bool {
+        !self.prompt.trim().is_empty()
+    }
+}
+
+pub fn partition_of(tenant: TenantId, fingerprint: Fingerprint) -> PartitionId {
+    PartitionId(Digest32::of("semcache/partition/v1", &[&tenant.0 .0, &fingerprint.0 .0]).0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_by_tenant_fingerprint_and_prompt() {
+        let fp = Fingerprint(Digest32::of("t", &[b"ctx"]));
+        let other_fp = Fingerprint(Digest32::of("t", &[b"ctx2"]));
+        let a = TenantId::from_api_key("sk-a");
+        let b = TenantId::from_api_key("sk-b");
+        let base = RequestKey::new(a, fp, "hi".into());
+        assert_ne!(base.exact, RequestKey::new(b, fp, "hi".into()).exact);
+        assert_ne!(base.exact, RequestKey::new(a, other_fp, "hi".into()).exact);
+        assert_ne!(base.exact, RequestKey::new(a, fp, "hi!".into()).exact);
+        assert_eq!(base.exact, RequestKey::new(a, fp, "hi".into()).exact);
+        assert_ne!(base.partition(), RequestKey::new(b, fp, "hi".into()).partition());
+    }
+
+    #[test]
+    fn part_boundaries_count() {
+        assert_ne!(
+            Digest32::of("d", &[b"ab", b"c"]),
+            Digest32::of("d", &[b"a", b"bc"])
+        );
+    }
+
+    #[test]
+    fn tenant_id_does_not_contain_the_key() {
+        let tenant = TenantId::from_api_key("sk-secret-123456");
+        assert!(!tenant.0.to_hex().contains("secret"));
+        assert_ne!(tenant, TenantId::shared());
+    }
+}

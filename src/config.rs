@@ -1,0 +1,109 @@
+//! Command-line and environment configuration, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "semcache",
+    version,
+    about = "A semantic cache for LLM calls that speaks the OpenAI API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the caching proxy.
+    Serve(ServeArgs),
+}
+
+/// How cached entries are partitioned between clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scope {
+    /// Each bearer key sees only the answers cached for that key.
+    Tenant,
+    /// All clients share one cache. Only for deployments with a single trusted application.
+    Shared,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SEMCACHE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Base URL of the OpenAI-compatible upstream, including the version path.
+    #[arg(long, env = "SEMCACHE_UPSTREAM", default_value = "https://api.openai.com/v1")]
+    pub upstream: String,
+
+    /// API key sent to the upstream. When unset, each client's own Authorization header is
+    /// forwarded.
+    #[arg(long, env = "SEMCACHE_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+
+    /// Folder holding the embedding model (config.json, tokenizer.json, model.safetensors,
+    /// 1_Pooling/config.json).
+    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+    pub model_dir: PathBuf,
+
+    /// Cosine similarity at or above which an earlier prompt's answer is served.
+    #[arg(long, env = "SEMCACHE_THRESHOLD", default_value_t = 0.82)]
+    pub threshold: f32,
+
+    /// Folder for the cache's durable data.
+    #[arg(long, env = "SEMCACHE_DATA_DIR", default_value = "./semcache-data")]
+    pub data_dir: PathBuf,
+
+    /// Whether cached answers are partitioned per client key (tenant) or shared by everyone.
+    #[arg(long, env = "SEMCACHE_SCOPE", value_enum, default_value_t = Scope::Tenant)]
+    pub scope: Scope,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "SEMCACHE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds allowed to connect to the upstream.
+    #[arg(long, env = "SEMCACHE_UPSTREAM_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub upstream_connect_timeout_secs: u64,
+
+    /// Seconds allowed for a whole upstream call, streaming included.
+    #[arg(long, env = "SEMCACHE_UPSTREAM_TIMEOUT", default_value_t = 600)]
+    pub upstream_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    /// Checks what clap's types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.threshold) || self.threshold.is_nan() {
+            return Err(format!(
+                "--threshold must be within [0, 1], got {}",
+                self.threshold
+            ));
+        }
+        if !(self.upstream.starts_with("http://") || self.upstream.starts_with("https://")) {
+            return Err(format!(
+                "--upstream must be an http(s) URL, got {:?}",
+                self.upstream
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err("--max-body-bytes must be positive".to_owned());
+        }
+        Ok(())
+    }
+
+    pub fn upstream_config(&self) -> crate::upstream::Config {
+        crate::upstream::Config {
+            base_url: self.upstream.trim_end_matches('/').to_owned(),
+            api_key: self.upstream_api_key.clone(),
+            connect_timeout: Duration::from_secs(self.upstream_connect_timeout_secs),
+            timeout: Duration::from_secs(self.upstream_timeout_secs),
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The OpenAI-compatible routes: cached chat completions and plain forwarding of the rest.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::error::{error_body, ApiError};
+use super::AppState;
+use crate::cache::{Answer, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage};
+use crate::config::Scope;
+use crate::openai::sse::{self, Assembler, Parser};
+use crate::openai::ChatRequest;
+use crate::upstream::FORWARDED_RESPONSE_HEADERS;
+
+const X_SEMCACHE: HeaderName = HeaderName::from_static("x-semcache");
+const X_SIMILARITY: HeaderName = HeaderName::from_static("x-semcache-similarity");
+const X_ENTRY: HeaderName = HeaderName::from_static("x-semcache-entry");
+const X_THRESHOLD: &str = "x-semcache-threshold";
+
+/// How the cache treated a request, as told in the `x-semcache` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl Outcome {
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Bypass => "bypass",
+        })
+    }
+}
+
+/// What the client asked of the cache for this request.
+#[derive(Debug, Clone, Copy)]
+struct Controls {
+    /// `Cache-Control: no-cache`: do not look up, but store the fresh answer.
+    skip_lookup: bool,
+    /// `Cache-Control: no-store`: neither look up nor store.
+    skip_store: bool,
+    threshold: f32,
+}
+
+impl Controls {
+    fn from_headers(headers: &HeaderMap, configured_threshold: f32) -> Result<Self, ApiError> {
+        let mut controls = Controls {
+            skip_lookup: false,
+            skip_store: false,
+            threshold: configured_threshold,
+        };
+        for value in headers.get_all(CACHE_CONTROL) {
+            let value = value.to_str().map_err(|_| ApiError::BadHeader {
+                header: "cache-control",
+                message: "not valid ASCII".to_owned(),
+            })?;
+            for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
+                match directive.as_str() {
+                    "no-cache" => controls.skip_lookup = true,
+                    "no-store" => {
+                        controls.skip_lookup = true;
+                        controls.skip_store = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(value) = headers.get(X_THRESHOLD) {
+            let bad = |message: String| ApiError::BadHeader {
+                header: X_THRESHOLD,
+                message,
+            };
+            let threshold: f32 = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|t: &f32| (0.0..=1.0).contains(t))
+                .ok_or_else(|| bad("must be a number between 0 and 1".to_owned()))?;
+            if threshold < configured_threshold {
+                return Err(bad(format!(
+                    "{threshold} is below the configured threshold {configured_threshold}; a request may only ask for a stricter one"
+                )));
+            }
+            controls.threshold = threshold;
+        }
+        Ok(controls)
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.max_body_bytes).await?;
+    let request = ChatRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
+    let controls = Controls::from_headers(&headers, state.settings.load().threshold)?;
+
+    // Answers with several choices are not stored, so they are not looked up either.
+    let cache_input = (!controls.skip_store && request.n == 1)
+        .then(|| request.cache_input())
+        .flatten();
+    let Some(cache_input) = cache_input else {
+        return forward_chat(&state, &headers, bytes, Outcome::Bypass).await;
+    };
+    let key = RequestKey::new(
+        tenant_of(state.scope, &headers),
+        cache_input.fingerprint,
+        cache_input.prompt,
+    );
+
+    let mut embedding = None;
+    let mut flight = None;
+    if !controls.skip_lookup {
+        match state.cache.lookup(&key, controls.threshold).await {
+            Ok(Lookup::Hit(hit)) => return Ok(serve_hit(&request, &hit)),
+            Ok(Lookup::Miss(miss)) => embedding = miss.embedding,
+            Err(err) => {
+                // The cache failing must not fail the call: act as a plain proxy.
+                tracing::error!(error = %err, "lookup failed; forwarding without the cache");
+                return forward_chat(&state, &headers, bytes, Outcome::Bypass).await;
+            }
+        }
+        match state.cache.join(&key) {
+            Join::Leader(leader) => {
+                // The previous leader may have stored the answer since our lookup.
+                if let Some(hit) = state.cache.lookup_exact(&key) {
+                    leader.complete(Arc::clone(&hit.entry));
+                    return Ok(serve_hit(&request, &hit));
+                }
+                flight = Some(leader);
+            }
+            Join::Follower(receiver) => {
+                if let Some(entry) = Join::wait(receiver).await {
+                    let hit = Hit {
+                        entry,
+                        similarity: 1.0,
+                        kind: HitKind::Exact,
+                    };
+                    return Ok(serve_hit(&request, &hit));
+                }
+                // The leader got nothing storable: make our own call.
+            }
+        }
+    }
+
+    let miss = Miss {
+        state: state.clone(),
+        key,
+        embedding,
+        flight,
+        model: request.model.clone(),
+    };
+    if request.stream {
+        miss.stream(&headers, &request).await
+    } else {
+        miss.complete(&headers, bytes).await
+    }
+}
+
+/// A request that goes to the upstream and whose answer is stored when it is complete.
+struct Miss {
+    state: AppState,
+    key: RequestKey,
+    embedding: Option<Vec<f32>>,
+    flight: Option<Flight>,
+    model: String,
+}
+
+impl Miss {
+    async fn complete(self, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let response = self.state.upstream.chat(headers, body).await?;
+        let status = response.status();
+        let response_headers = response.headers().clone();
+        let body = response.bytes().await.map_err(crate::upstream::Error::from)?;
+        let latency = started.elapsed();
+        if status.is_success() {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(completion) => {
+                    if let Some(answer) = storable(&completion, &self.model, latency) {
+                        self.store(answer).await;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "upstream answered 2xx with a body that is not JSON; not stored")
+                }
+            }
+        }
+        Ok(passthrough_response(
+            status,
+            &response_headers,
+            Body::from(body),
+            Outcome::Miss,
+        ))
+    }
+
+    async fn stream(self, headers: &HeaderMap, request: &ChatRequest) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let response = self
+            .state
+            .upstream
+            .chat(headers, request.body_with_usage().into())
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let response_headers = response.headers().clone();
+            let body = response.bytes().await.map_err(crate::upstream::Error::from)?;
+            return Ok(passthrough_response(
+                status,
+                &response_headers,
+                Body::from(body),
+                Outcome::Miss,
+            ));
+        }
+        let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+        let include_usage = request.include_usage;
+        // The relay runs on its own task: if the client goes away, it still reads the upstream
+        // to the end and stores the answer, which coalesced waiters are owed.
+        tokio::spawn(self.relay(response, sender, include_usage, started));
+        let mut response = Response::new(Body::from_stream(ReceiverStream::new(receiver)));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert(X_SEMCACHE, Outcome::Miss.header());
+        Ok(response)
+    }
+
+    async fn relay(
+        self,
+        response: reqwest::Response,
+        sender: mpsc::Sender<Result<Bytes, Infallible>>,
+        include_usage: bool,
+        started: Instant,
+    ) {
+        let mut client = Client(Some(sender));
+        let mut parser = Parser::default();
+        let mut assembler = Assembler::default();
+        let mut stream = response.bytes_stream();
+        let mut done = false;
+        let mut failure: Option<String> = None;
+        'read: while let Some(chunk) = stream.next().await {
+            let bytes = match chunk {
+                Ok(bytes) => bytes,
+                Err(err) => {
+                    failure = Some(crate::upstream::Error::from(err).to_string());
+                    break;
+                }
+            };
+            for data in parser.feed(&bytes) {
+                if data == sse::DONE {
+                    done = true;
+                    break 'read;
+                }
+                let usage_only = assembler.push(&data);
+                if include_usage || !usage_only {
+                    client.send(sse::event(&data)).await;
+                }
+            }
+        }
+        if !done {
+            let reason = failure.unwrap_or_else(|| "the upstream closed the stream before [DONE]".to_owned());
+            tracing::warn!(%reason, "upstream stream broke; nothing stored");
+            let body = error_body(
+                &format!("The upstream stream ended early: {reason}"),
+                "upstream_error",
+                Some("upstream_stream_broken"),
+                None,
+            );
+            client.send(sse::event(&body.to_string())).await;
+            return;
+        }
+        match assembler.finish() {
+            Ok(completion) => {
+                if let Some(answer) = storable(&completion, &self.model, started.elapsed()) {
+                    self.store(answer).await;
+                }
+            }
+            Err(incomplete) => tracing::warn!(%incomplete, "streamed answer not stored"),
+        }
+        // [DONE] goes out only after the answer is stored, so a client that asks again at
+        // once is answered from the cache.
+        client.send(sse::event(sse::DONE)).await;
+    }
+
+    /// Stores the answer, wakes coalesced waiters, and lets the index graph catch up in the
+    /// background.
+    async fn store(self, answer: Answer) {
+        let Miss {
+            state,
+            key,
+            embedding,
+            flight,
+            ..
+        } = self;
+        let embedding = match embedding {
+            Some(embedding) => Some(embedding),
+            None if key.is_semantic() => {
+                match crate::embed::embed_blocking(state.cache.embedder(), &key.prompt).await {
+                    Ok(embedding) => Some(embedding),
+                    Err(err) => {
+                        tracing::error!(error = %err, "embedding for storage failed; stored for exact matches only");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let entry = state.cache.insert(&key, embedding, answer);
+        if let Some(flight) = flight {
+            flight.complete(entry);
+        }
+        let cache = Arc::clone(&state.cache);
+        tokio::task::spawn_blocking(move || cache.catch_up(&key));
+    }
+}
+
+/// The streaming client's end of the relay; it goes quiet once the client has gone.
+struct Client(Option<mpsc::Sender<Result<Bytes, Infallible>>>);
+
+impl Client {
+    async fn send(&mut self, bytes: Bytes) {
+        if let Some(sender) = &self.0 {
+            if sender.send(Ok(bytes)).await.is_err() {
+                tracing::debug!(
+                    "streaming client went away; reading the upstream to the end to store the answer"
+                );
+                self.0 = None;
+            }
+        }
+    }
+}
+
+/// The answer to keep from a successful completion, or `None` when it must not be stored.
+fn storable(completion: &Value, model: &str, latency: Duration) -> Option<Answer> {
+    let choices = completion.get("choices")?.as_array()?;
+    if choices.is_empty() {
+        return None;
+    }
+    let all_finished = choices.iter().all(|choice| {
+        matches!(choice.get("finish_reason").and_then(Value::as_str), Some(reason) if reason != "content_filter")
+    });
+    if !all_finished {
+        return None;
+    }
+    let usage = completion.get("usage");
+    let tokens = |field: &str| {
+        usage
+            .and_then(|u| u.get(field))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Some(Answer {
+        completion: Bytes::from(serde_json::to_vec(completion).ok()?),
+        model: model.to_owned(),
+        usage: Usage {
+            prompt_tokens: tokens("prompt_tokens"),
+            completion_tokens: tokens("completion_tokens"),
+        },
+        upstream_latency: latency,
+    })
+}
+
+/// A cached answer as a fresh completion: new `id` and `created`, the stored choices and usage.
+fn serve_hit(request: &ChatRequest, hit: &Hit) -> Response {
+    let mut completion: Value =
+        serde_json::from_slice(&hit.entry.answer.completion).unwrap_or_else(|_| json!({}));
+    let id: u64 = rand::thread_rng().gen();
+    completion["id"] = json!(format!("chatcmpl-semcache-{id:016x}"));
+    completion["created"] = json!(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()));
+
+    let mut response = if request.stream {
+        let events = sse::replay(&completion, request.include_usage);
+        let stream = futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>));
+        let mut response = Response::new(Body::from_stream(stream));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        response
+            .headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    } else {
+        axum::Json(completion).into_response()
+    };
+    let headers = response.headers_mut();
+    headers.insert(X_SEMCACHE, Outcome::Hit.header());
+    headers.insert(
+        X_SIMILARITY,
+        HeaderValue::from_str(&format!("{:.4}", hit.similarity)).expect("a number is a header value"),
+    );
+    headers.insert(X_ENTRY, HeaderValue::from(hit.entry.id));
+    response
+}
+
+/// Sends the chat request upstream unchanged and passes the answer through, stored nowhere.
+async fn forward_chat(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+    outcome: Outcome,
+) -> Result<Response, ApiError> {
+    let response = state.upstream.chat(headers, body).await?;
+    let status = response.status();
+    let response_headers = response.headers().clone();
+    let body = Body::from_stream(response.bytes_stream());
+    Ok(passthrough_response(status, &response_headers, body, outcome))
+}
+
+fn passthrough_response(
+    status: StatusCode,
+    upstream_headers: &HeaderMap,
+    body: Body,
+    outcome: Outcome,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for name in FORWARDED_RESPONSE_HEADERS {
+        if let Some(value) = upstream_headers.get(*name) {
+            headers.insert(HeaderName::from_static(name), value.clone());
+        }
+    }
+    headers.insert(X_SEMCACHE, outcome.header());
+    response
+}
+
+/// Any other `/v1/*` call: forwarded as it is, streamed both ways, never cached.
+pub async fn forward(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let path_and_query = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
+    let body = reqwest::Body::wrap_stream(body.into_data_stream());
+    let response = state
+        .upstream
+        .send(parts.method, path_and_query, &parts.headers, body)
+        .await?;
+    let mut forwarded = Response::new(Body::empty());
+    *forwarded.status_mut() = response.status();
+    for (name, value) in response.headers() {
+        if !is_hop_by_hop(name) {
+            forwarded.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    *forwarded.body_mut() = Body::from_stream(response.bytes_stream());
+    Ok(forwarded)
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "content-length"
+    )
+}
+
+/// The tenant a request belongs to: its bearer key, hashed.
+fn tenant_of(scope: Scope, headers: &HeaderMap) -> TenantId {
+    match scope {
+        Scope::Shared => TenantId::shared(),
+        Scope::Tenant => headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .map(|value| value.trim())
+            .map(|value| {
+                let key = value
+                    .get(..7)
+                    .filter(|prefix| prefix.eq_ignore_ascii_case("bearer "))
+                    .map_or(value, |_| value[7..].trim());
+                TenantId::from_api_key(key)
+            })
+            .unwrap_or_else(TenantId::shared),
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(err) => {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::BodyTooLarge { limit })
+            } else {
+                Err(ApiError::BodyUnreadable)
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests: one binary, so the crate and the model load once.
+
+mod embedding;
+mod proxy;
+mod support;

@@ -1,0 +1,354 @@
+//! A test upstream that answers like OpenAI and misbehaves on demand, and a way to start
+//! semcache against it on a free port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use semcache::config::ServeArgs;
+use semcache::embed::{BertEmbedder, Embedder};
+use semcache::settings::SharedSettings;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+/// How the test upstream answers the next chat completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Answers with this status and an OpenAI error body.
+    Status(u16),
+    /// Streams part of the answer, then drops the connection.
+    BrokenStream,
+    /// Streams the whole answer and `[DONE]`, but no choice has a finish_reason.
+    UnfinishedStream,
+}
+
+#[derive(Default)]
+struct UpstreamState {
+    chat_calls: AtomicUsize,
+    other_calls: AtomicUsize,
+    mode: Mutex<Option<Mode>>,
+    delay: Mutex<Duration>,
+    authorizations: Mutex<Vec<String>>,
+}
+
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(UpstreamState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn chat_calls(&self) -> usize {
+        self.state.chat_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn other_calls(&self) -> usize {
+        self.state.other_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock() = Some(mode);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock() = delay;
+    }
+
+    /// The Authorization headers the upstream received, in order.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.state.authorizations.lock().clone()
+    }
+}
+
+fn last_user_text(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .and_then(|messages| messages.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_owned()
+}
+
+async fn chat(
+    State(state): State<Arc<UpstreamState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let call = state.chat_calls.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        state.authorizations.lock().push(auth.to_owned());
+    }
+    let delay = *state.delay.lock();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mode = state.mode.lock().unwrap_or(Mode::Normal);
+    if let Mode::Status(code) = mode {
+        let status = StatusCode::from_u16(code).unwrap();
+        let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
+        return (status, [("retry-after", "7")], Json(error)).into_response();
+    }
+    let content = format!("Answer #{call} to: {}", last_user_text(&body));
+    let model = body["model"].as_str().unwrap_or("unknown").to_owned();
+    let n = body["n"].as_u64().unwrap_or(1);
+    let usage = json!({"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18});
+    if body["stream"] != json!(true) {
+        let choices: Vec<Value> = (0..n)
+            .map(|i| json!({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": null, "finish_reason": "stop"}))
+            .collect();
+        return Json(json!({
+            "id": format!("chatcmpl-up{call}"), "object": "chat.completion", "created": 1_700_000_000,
+            "model": model, "choices": choices, "usage": usage
+        }))
+        .into_response();
+    }
+
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": format!("chatcmpl-up{call}"), "object": "chat.completion.chunk", "created": 1_700_000_000,
+               "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+    };
+    let finish = if mode == Mode::UnfinishedStream {
+        Value::Null
+    } else {
+        json!("stop")
+    };
+    let (head, tail) = content.split_at(content.len() / 2);
+    let mut events: Vec<Value> = vec![
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": head}), Value::Null),
+        chunk(json!({"content": tail}), Value::Null),
+        chunk(json!({}), finish),
+    ];
+    if body["stream_options"]["include_usage"] == json!(true) {
+        events.push(json!({"id": format!("chatcmpl-up{call}"), "object": "chat.completion.chunk", "created": 1_700_000_000,
+                           "model": model, "choices": [], "usage": usage}));
+    }
+    let mut frames: Vec<Result<Bytes, std::io::Error>> = events
+        .iter()
+        .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
+        .collect();
+    if mode == Mode::BrokenStream {
+        frames.truncate(2);
+        frames.push(Err(std::io::Error::other("connection reset by test upstream")));
+    } else {
+        frames.push(Ok(Bytes::from("data: [DONE]\n\n")));
+    }
+    // Frames go out one by one with a pause, as a real model's tokens do.
+    let stream = futures::stream::iter(frames).then(|frame| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        frame
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+async fn models(State(state): State<Arc<UpstreamState>>) -> Json<Value> {
+    state.other_calls.fetch_add(1, Ordering::SeqCst);
+    Json(json!({"object": "list", "data": [{"id": "test-model", "object": "model"}]}))
+}
+
+pub fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
+}
+
+/// The real model, loaded once per test run.
+pub fn embedder() -> Arc<dyn Embedder> {
+    static EMBEDDER: OnceLock<Arc<dyn Embedder>> = OnceLock::new();
+    Arc::clone(EMBEDDER.get_or_init(|| {
+        let embedder = BertEmbedder::load(&model_dir())
+            .unwrap_or_else(|err| panic!("{err}\nThe tests need the real model: run `make model` first."));
+        Arc::new(embedder)
+    }))
+}
+
+pub struct Semcache {
+    pub addr: SocketAddr,
+    pub settings: SharedSettings,
+    pub http: reqwest::Client,
+    _shutdown: oneshot::Sender<()>,
+}
+
+pub const KEY_A: &str = "sk-test-tenant-a-0123456789";
+pub const KEY_B: &str = "sk-test-tenant-b-9876543210";
+
+impl Semcache {
+    pub async fn start(upstream: &TestUpstream) -> Self {
+        Self::start_with(upstream, |_| {}).await
+    }
+
+    pub async fn start_with(upstream: &TestUpstream, configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        let mut args = ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
+        args.model_dir = model_dir();
+        configure(&mut args);
+        args.validate().unwrap();
+        let app = semcache::app(&args, embedder()).unwrap();
+        let settings = app.settings.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        tokio::spawn(semcache::run(app.router, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            settings,
+            http: reqwest::Client::new(),
+            _shutdown: shutdown,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Posts a chat completion with tenant A's key.
+    pub async fn chat(&self, body: &Value) -> Reply {
+        self.chat_as(KEY_A, body, &[]).await
+    }
+
+    pub async fn chat_as(&self, key: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Reply::from(request.send().await.unwrap()).await
+    }
+}
+
+/// A response with its body read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub async fn from(response: reqwest::Response) -> Self {
+        Self {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.bytes().await.unwrap(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// `hit`, `miss` or `bypass`.
+    pub fn cache(&self) -> &str {
+        self.header("x-semcache").unwrap_or("<none>")
+    }
+
+    pub fn similarity(&self) -> f32 {
+        self.header("x-semcache-similarity")
+            .expect("a hit has x-semcache-similarity")
+            .parse()
+            .unwrap()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|err| panic!("{err}: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The answer's text, from a JSON completion or a stream of chunks.
+    pub fn content(&self) -> String {
+        if self.header("content-type") == Some("text/event-stream") {
+            sse_content(&self.sse_events())
+        } else {
+            self.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    }
+
+    /// Data of each SSE event, parsed independently of semcache's own parser.
+    pub fn sse_events(&self) -> Vec<String> {
+        let text = String::from_utf8(self.body.to_vec()).unwrap();
+        text.split("\n\n")
+            .filter(|event| !event.trim().is_empty())
+            .map(|event| {
+                event
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not an SSE data event: {event:?}"))
+                    .to_owned()
+            })
+            .collect()
+    }
+}
+
+/// Joins the content deltas of a stream that must end in `[DONE]`, checking each chunk's shape.
+pub fn sse_content(events: &[String]) -> String {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream ends with [DONE]: {events:?}"
+    );
+    let mut content = String::new();
+    let mut finished = false;
+    for data in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk", "{chunk}");
+        assert!(chunk["id"].is_string() && chunk["created"].is_u64(), "{chunk}");
+        for choice in chunk["choices"].as_array().unwrap() {
+            if let Some(text) = choice["delta"]["content"].as_str() {
+                content.push_str(text);
+            }
+            finished |= choice["finish_reason"].is_string();
+        }
+    }
+    assert!(finished, "a choice finished: {events:?}");
+    content
+}
+
+pub fn chat_body(prompt: &str) -> Value {
+    json!({
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful support assistant."},
+            {"role": "user", "content": prompt}
+        ]
+    })
+}
+
+pub fn stream_body(prompt: &str) -> Value {
+    let mut body = chat_body(prompt);
+    body["stream"] = json!(true);
+    body
+}
