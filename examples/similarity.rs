@@ -1,0 +1,22 @@
+//! Prints the cosine similarity of the first text to each of the others, with the real model:
+//! `cargo run --release --example similarity -- "first text" "second" "third"`.
+
+use semcache::embed::{cosine, BertEmbedder, Embedder};
+
+fn main() {
+    let texts: Vec<String> = std::env::args().skip(1).collect();
+    if texts.len() < 2 {
+        eprintln!("usage: similarity TEXT TEXT [TEXT ...]");
+        std::process::exit(2);
+    }
+    let model_dir = std::env::var("SEMCACHE_MODEL_DIR").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let embedder = BertEmbedder::load(std::path::Path::new(&model_dir)).unwrap_or_else(|err| {
+        eprintln!("{err}");
+        std::process::exit(1);
+    });
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let vectors = embedder.embed(&refs).expect("embedding");
+    for (text, vector) in texts.iter().zip(&vectors).skip(1) {
+        println!("{:.4}  {:?} / {:?}", cosine(&vectors[0], vector), texts[0], text);
+    }
+}
