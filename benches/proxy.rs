@@ -65,7 +65,7 @@ fn benches(c: &mut Criterion) {
         let app = semcache::app(&args, Arc::clone(&embedder)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let semcache = listener.local_addr().unwrap();
-        tokio::spawn(semcache::run(app.router, listener, std::future::pending()));
+        tokio::spawn(semcache::run(app, listener, std::future::pending()));
         (semcache, bare)
     });
     let client = reqwest::Client::new();

@@ -68,6 +68,16 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Token that opens the admin API, /stats and /metrics (`Authorization: Bearer TOKEN`).
+    /// Without it, those routes answer only to clients on the loopback interface.
+    #[arg(long, env = "SEMCACHE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// JSON file of model prices in dollars per million tokens,
+    /// `{"model": {"input": 0.15, "output": 0.6}}`; overrides and extends the built-in table.
+    #[arg(long, env = "SEMCACHE_PRICES")]
+    pub prices: Option<PathBuf>,
+
     /// Seconds allowed to connect to the upstream.
     #[arg(long, env = "SEMCACHE_UPSTREAM_CONNECT_TIMEOUT", default_value_t = 10)]
     pub upstream_connect_timeout_secs: u64,
@@ -91,6 +101,9 @@ impl ServeArgs {
                 "--upstream must be an http(s) URL, got {:?}",
                 self.upstream
             ));
+        }
+        if self.admin_token.as_deref().is_some_and(|token| token.len() < 16) {
+            return Err("--admin-token must be at least 16 characters".to_owned());
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be positive".to_owned());

@@ -13,7 +13,8 @@
 //! - [`cache`]: the policy: keys, exact and semantic lookup, insertion, coalescing.
 //! - [`openai`]: OpenAI wire formats: request validation and fingerprinting, SSE.
 //! - [`upstream`]: the OpenAI-compatible client.
-//! - [`settings`]: settings that change at run time, read lock-free per request.
+//! - [`settings`]: settings that change at run time, read lock-free per request, saved to disk.
+//! - [`stats`]: counters, similarity histograms, savings, per-model and per-tenant breakdowns.
 //! - [`http`]: the axum routes. Only this module knows axum.
 
 pub mod cache;
@@ -23,6 +24,7 @@ pub mod http;
 pub mod index;
 pub mod openai;
 pub mod settings;
+pub mod stats;
 pub mod upstream;
 
 use std::future::Future;
@@ -34,40 +36,88 @@ use tokio::net::TcpListener;
 use crate::cache::Cache;
 use crate::config::ServeArgs;
 use crate::embed::Embedder;
-use crate::settings::{Settings, SharedSettings};
+use crate::settings::{Settings, SettingsStore, SharedSettings};
+use crate::stats::{PriceTable, Stats};
 
 /// The service, ready to serve: its router and handles on its live parts.
 pub struct App {
     pub router: axum::Router,
     pub settings: SharedSettings,
     pub cache: Arc<Cache>,
+    pub stats: Arc<Stats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Upstream(#[from] upstream::Error),
+    #[error("reading saved settings: {0}")]
+    Settings(#[from] settings::Error),
+    #[error("reading --prices: {0}")]
+    Prices(String),
 }
 
 /// Builds the service from its configuration and an embedder.
-pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, upstream::Error> {
+pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupError> {
+    let settings_store = SettingsStore::new(&args.data_dir);
+    let settings = match settings_store.load()? {
+        Some(saved) => {
+            tracing::info!(
+                threshold = saved.threshold,
+                "using settings saved by the admin API"
+            );
+            saved
+        }
+        None => Settings {
+            threshold: args.threshold,
+        },
+    };
+    let prices = match &args.prices {
+        Some(path) => PriceTable::with_file(path).map_err(SetupError::Prices)?,
+        None => PriceTable::default(),
+    };
     let state = http::AppState {
         cache: Arc::new(Cache::new(embedder)),
         upstream: Arc::new(upstream::Upstream::new(args.upstream_config())?),
-        settings: settings::shared(Settings {
-            threshold: args.threshold,
-        }),
+        settings: settings::shared(settings),
+        settings_store,
+        stats: Arc::new(Stats::new(prices)),
         scope: args.scope,
         max_body_bytes: args.max_body_bytes,
+        admin_token: args.admin_token.as_deref().map(Arc::from),
     };
+    if state.admin_token.is_none() {
+        tracing::warn!("no --admin-token: admin routes, /stats and /metrics answer only to loopback clients");
+    }
     Ok(App {
         settings: state.settings.clone(),
         cache: Arc::clone(&state.cache),
+        stats: Arc::clone(&state.stats),
         router: http::router(state),
     })
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then finishes in-flight requests.
 pub async fn run(
-    app: axum::Router,
+    app: App,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let stats = Arc::clone(&app.stats);
+    let ticker = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(stats::HISTORY_INTERVAL);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            stats.tick();
+        }
+    });
+    let served = axum::serve(
+        listener,
+        app.router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    ticker.abort();
+    served
 }

@@ -34,7 +34,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scope = ?args.scope,
         "semcache is serving"
     );
-    semcache::run(app.router, listener, shutdown_signal()).await?;
+    semcache::run(app, listener, shutdown_signal()).await?;
     tracing::info!("semcache stopped");
     Ok(())
 }

@@ -1,9 +1,13 @@
 //! Settings that may change while the service runs. They are read per request through an
-//! `ArcSwap`, so the hot path takes no lock.
+//! `ArcSwap`, so the hot path takes no lock. Changes made through the admin API are written to
+//! the data directory and win over the command line at the next start.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -15,4 +19,115 @@ pub type SharedSettings = Arc<ArcSwap<Settings>>;
 
 pub fn shared(settings: Settings) -> SharedSettings {
     Arc::new(ArcSwap::from_pointee(settings))
+}
+
+/// On-disk form of the settings, versioned.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsFile {
+    version: u32,
+    threshold: f32,
+}
+
+const FILE_VERSION: u32 = 1;
+const FILE_NAME: &str = "settings.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+}
+
+/// Where settings changed at run time are kept.
+#[derive(Debug, Clone)]
+pub struct SettingsStore {
+    path: PathBuf,
+}
+
+impl SettingsStore {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            path: data_dir.join(FILE_NAME),
+        }
+    }
+
+    /// The saved settings, if any were saved.
+    pub fn load(&self) -> Result<Option<Settings>, Error> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let format_error = |message: String| Error::Format {
+            path: self.path.clone(),
+            message,
+        };
+        let file: SettingsFile =
+            serde_json::from_slice(&bytes).map_err(|err| format_error(err.to_string()))?;
+        if file.version != FILE_VERSION {
+            return Err(format_error(format!(
+                "written by settings format version {}, this semcache reads version {FILE_VERSION}",
+                file.version
+            )));
+        }
+        if !(0.0..=1.0).contains(&file.threshold) {
+            return Err(format_error(format!(
+                "threshold {} is outside [0, 1]",
+                file.threshold
+            )));
+        }
+        Ok(Some(Settings {
+            threshold: file.threshold,
+        }))
+    }
+
+    /// Writes the settings atomically: a crash leaves the old file or the new one, never half.
+    pub fn save(&self, settings: &Settings) -> Result<(), Error> {
+        let io_error = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io_error)?;
+        let bytes = serde_json::to_vec_pretty(&SettingsFile {
+            version: FILE_VERSION,
+            threshold: settings.threshold,
+        })
+        .expect("settings serialise");
+        let temp = self.path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&temp).map_err(io_error)?;
+        file.write_all(&bytes).map_err(io_error)?;
+        file.sync_all().map_err(io_error)?;
+        std::fs::rename(&temp, &self.path).map_err(io_error)?;
+        if let Ok(dir) = std::fs::File::open(dir) {
+            // Makes the rename itself durable; not every platform supports it, hence no error.
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_settings_load_back_and_bad_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("semcache-settings-{}", std::process::id()));
+        let store = SettingsStore::new(&dir);
+        assert_eq!(store.load().unwrap(), None);
+        store.save(&Settings { threshold: 0.9 }).unwrap();
+        assert_eq!(store.load().unwrap(), Some(Settings { threshold: 0.9 }));
+        std::fs::write(dir.join(FILE_NAME), r#"{"version": 99, "threshold": 0.9}"#).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("version 99"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -197,6 +197,41 @@ impl Cache {
         true
     }
 
+    /// Removes every entry, or every entry of one tenant. Returns how many were removed.
+    pub fn flush(&self, tenant: Option<TenantId>) -> usize {
+        let ids: Vec<u64> = self
+            .entries
+            .read()
+            .values()
+            .filter(|entry| tenant.is_none_or(|tenant| entry.tenant == tenant))
+            .map(|entry| entry.id)
+            .collect();
+        ids.into_iter().filter(|id| self.remove(*id)).count()
+    }
+
+    /// The newest entries first.
+    pub fn recent(&self, limit: usize) -> Vec<Arc<Entry>> {
+        let mut entries: Vec<Arc<Entry>> = self.entries.read().values().cloned().collect();
+        entries.sort_by_key(|entry| std::cmp::Reverse(entry.id));
+        entries.truncate(limit);
+        entries
+    }
+
+    /// The entries nearest to a text across every tenant and context, for operators.
+    pub async fn nearest_anywhere(
+        &self,
+        text: &str,
+        limit: usize,
+    ) -> Result<Vec<(Arc<Entry>, f32)>, embed::Error> {
+        let embedding = embed::embed_blocking(&self.embedder, text).await?;
+        Ok(self
+            .index
+            .nearest_anywhere(&embedding, limit)
+            .into_iter()
+            .filter_map(|nearest| Some((self.get(nearest.entry_id)?, nearest.similarity)))
+            .collect())
+    }
+
     /// Adds recent inserts of the key's partition to its HNSW graph. Slow: call it on the
     /// blocking pool.
     pub fn catch_up(&self, key: &RequestKey) {

@@ -20,6 +20,16 @@ pub enum ApiError {
     BadHeader { header: &'static str, message: String },
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
+    #[error("this route needs the admin token: `Authorization: Bearer <admin token>`")]
+    Unauthorized,
+    #[error("admin routes answer only to loopback clients unless semcache runs with --admin-token")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the embedding model failed: {0}")]
+    Embedding(#[from] crate::embed::Error),
+    #[error("could not save the settings")]
+    Persist(#[from] crate::settings::Error),
 }
 
 impl ApiError {
@@ -56,6 +66,26 @@ impl ApiError {
                 Some("upstream_unreachable"),
                 None,
             ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_admin_token"),
+                None,
+            ),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("loopback_only"),
+                None,
+            ),
+            ApiError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("not_found"),
+                None,
+            ),
+            ApiError::Embedding(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            ApiError::Persist(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
         }
     }
 }
@@ -68,15 +98,27 @@ pub fn error_body(message: &str, kind: &str, code: Option<&str>, param: Option<&
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind, code, param) = self.parts();
-        if status.is_server_error() {
-            tracing::warn!(error = %self, "request failed");
-        }
+        // Internal errors can name addresses and paths: they are logged once, and the client
+        // gets a plain sentence.
         let message = match &self {
-            // Transport errors can carry internal addresses; the client gets a plain sentence.
-            ApiError::Upstream(upstream::Error::Transport(_)) => {
+            ApiError::Upstream(upstream::Error::Transport(detail)) => {
+                tracing::warn!(%detail, "upstream unreachable");
                 "semcache could not reach the upstream API.".to_owned()
             }
-            other => other.to_string(),
+            ApiError::Embedding(detail) => {
+                tracing::error!(%detail, "embedding failed");
+                "semcache's embedding model failed.".to_owned()
+            }
+            ApiError::Persist(detail) => {
+                tracing::error!(%detail, "saving settings failed");
+                self.to_string()
+            }
+            other => {
+                if status.is_server_error() {
+                    tracing::warn!(error = %other, "request failed");
+                }
+                other.to_string()
+            }
         };
         (status, Json(error_body(&message, kind, code, param.as_deref()))).into_response()
     }

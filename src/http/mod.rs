@@ -1,11 +1,16 @@
 //! The HTTP edge: axum routers and the shared application state. Only this module knows axum.
 
+mod admin;
 mod error;
 mod openai;
+mod stats;
 
 use std::sync::Arc;
 
-use axum::routing::{any, get, post};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::middleware;
+use axum::response::IntoResponse;
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::trace::TraceLayer;
@@ -14,7 +19,8 @@ pub use error::ApiError;
 
 use crate::cache::Cache;
 use crate::config::Scope;
-use crate::settings::SharedSettings;
+use crate::settings::{SettingsStore, SharedSettings};
+use crate::stats::Stats;
 use crate::upstream::Upstream;
 
 #[derive(Clone)]
@@ -22,15 +28,30 @@ pub struct AppState {
     pub cache: Arc<Cache>,
     pub upstream: Arc<Upstream>,
     pub settings: SharedSettings,
+    pub settings_store: SettingsStore,
+    pub stats: Arc<Stats>,
     pub scope: Scope,
     pub max_body_bytes: usize,
+    pub admin_token: Option<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {
+    // Operator routes sit behind the admin guard. The dashboard page itself holds no data; it
+    // calls these routes, sending the admin token when the operator enters one.
+    let operator = Router::new()
+        .route("/admin/config", get(admin::get_config).patch(admin::patch_config))
+        .route("/admin/entries", get(admin::list_entries))
+        .route("/admin/entries/{id}", delete(admin::delete_entry))
+        .route("/admin/flush", post(admin::flush))
+        .route("/stats", get(stats::stats))
+        .route("/metrics", get(stats::metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin::guard));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/dashboard", get(dashboard))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/{*rest}", any(openai::forward))
+        .merge(operator)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -38,4 +59,14 @@ pub fn router(state: AppState) -> Router {
 /// The service answers only once the model is loaded, so being up means being ready.
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
+}
+
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (CONTENT_TYPE, "text/html; charset=utf-8"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
 }

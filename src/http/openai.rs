@@ -106,33 +106,38 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(body, state.max_body_bytes).await?;
-    let request = ChatRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
-    let controls = Controls::from_headers(&headers, state.settings.load().threshold)?;
+    let started = Instant::now();
+    let (bytes, request, controls) = match prepare(&state, &headers, body).await {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            state.stats.record_rejected();
+            return Err(err);
+        }
+    };
+    let tenant = tenant_of(state.scope, &headers);
 
     // Answers with several choices are not stored, so they are not looked up either.
     let cache_input = (!controls.skip_store && request.n == 1)
         .then(|| request.cache_input())
         .flatten();
     let Some(cache_input) = cache_input else {
-        return forward_chat(&state, &headers, bytes, Outcome::Bypass).await;
+        state.stats.record_bypass(&request.model, tenant);
+        return forward_chat(&state, &headers, bytes).await;
     };
-    let key = RequestKey::new(
-        tenant_of(state.scope, &headers),
-        cache_input.fingerprint,
-        cache_input.prompt,
-    );
+    let key = RequestKey::new(tenant, cache_input.fingerprint, cache_input.prompt);
 
     let mut embedding = None;
+    let mut nearest = None;
     let mut flight = None;
     if !controls.skip_lookup {
         match state.cache.lookup(&key, controls.threshold).await {
-            Ok(Lookup::Hit(hit)) => return Ok(serve_hit(&request, &hit)),
-            Ok(Lookup::Miss(miss)) => embedding = miss.embedding,
+            Ok(Lookup::Hit(hit)) => return Ok(serve_hit(&state, &request, &hit, started)),
+            Ok(Lookup::Miss(miss)) => (embedding, nearest) = (miss.embedding, miss.nearest),
             Err(err) => {
                 // The cache failing must not fail the call: act as a plain proxy.
                 tracing::error!(error = %err, "lookup failed; forwarding without the cache");
-                return forward_chat(&state, &headers, bytes, Outcome::Bypass).await;
+                state.stats.record_bypass(&request.model, tenant);
+                return forward_chat(&state, &headers, bytes).await;
             }
         }
         match state.cache.join(&key) {
@@ -140,7 +145,7 @@ pub async fn chat_completions(
                 // The previous leader may have stored the answer since our lookup.
                 if let Some(hit) = state.cache.lookup_exact(&key) {
                     leader.complete(Arc::clone(&hit.entry));
-                    return Ok(serve_hit(&request, &hit));
+                    return Ok(serve_hit(&state, &request, &hit, started));
                 }
                 flight = Some(leader);
             }
@@ -151,13 +156,14 @@ pub async fn chat_completions(
                         similarity: 1.0,
                         kind: HitKind::Exact,
                     };
-                    return Ok(serve_hit(&request, &hit));
+                    return Ok(serve_hit(&state, &request, &hit, started));
                 }
                 // The leader got nothing storable: make our own call.
             }
         }
     }
 
+    state.stats.record_miss(&request.model, tenant, nearest);
     let miss = Miss {
         state: state.clone(),
         key,
@@ -169,6 +175,39 @@ pub async fn chat_completions(
         miss.stream(&headers, &request).await
     } else {
         miss.complete(&headers, bytes).await
+    }
+}
+
+/// Reads and validates what the client sent.
+async fn prepare(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, ChatRequest, Controls), ApiError> {
+    let bytes = read_body(body, state.max_body_bytes).await?;
+    let request = ChatRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
+    let controls = Controls::from_headers(headers, state.settings.load().threshold)?;
+    Ok((bytes, request, controls))
+}
+
+/// Sends a chat completion upstream, counting the call and its failure.
+async fn call_upstream(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<reqwest::Response, ApiError> {
+    state.stats.record_upstream_call();
+    match state.upstream.chat(headers, body).await {
+        Ok(response) => {
+            if !response.status().is_success() {
+                state.stats.record_upstream_error();
+            }
+            Ok(response)
+        }
+        Err(err) => {
+            state.stats.record_upstream_error();
+            Err(err.into())
+        }
     }
 }
 
@@ -184,7 +223,7 @@ struct Miss {
 impl Miss {
     async fn complete(self, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
         let started = Instant::now();
-        let response = self.state.upstream.chat(headers, body).await?;
+        let response = call_upstream(&self.state, headers, body).await?;
         let status = response.status();
         let response_headers = response.headers().clone();
         let body = response.bytes().await.map_err(crate::upstream::Error::from)?;
@@ -211,11 +250,7 @@ impl Miss {
 
     async fn stream(self, headers: &HeaderMap, request: &ChatRequest) -> Result<Response, ApiError> {
         let started = Instant::now();
-        let response = self
-            .state
-            .upstream
-            .chat(headers, request.body_with_usage().into())
-            .await?;
+        let response = call_upstream(&self.state, headers, request.body_with_usage().into()).await?;
         let status = response.status();
         if !status.is_success() {
             let response_headers = response.headers().clone();
@@ -275,6 +310,7 @@ impl Miss {
         if !done {
             let reason = failure.unwrap_or_else(|| "the upstream closed the stream before [DONE]".to_owned());
             tracing::warn!(%reason, "upstream stream broke; nothing stored");
+            self.state.stats.record_upstream_error();
             let body = error_body(
                 &format!("The upstream stream ended early: {reason}"),
                 "upstream_error",
@@ -376,7 +412,16 @@ fn storable(completion: &Value, model: &str, latency: Duration) -> Option<Answer
 }
 
 /// A cached answer as a fresh completion: new `id` and `created`, the stored choices and usage.
-fn serve_hit(request: &ChatRequest, hit: &Hit) -> Response {
+fn serve_hit(state: &AppState, request: &ChatRequest, hit: &Hit, started: Instant) -> Response {
+    let answer = &hit.entry.answer;
+    state.stats.record_hit(
+        &request.model,
+        hit.entry.tenant,
+        hit.kind,
+        hit.similarity,
+        answer.usage,
+        answer.upstream_latency.saturating_sub(started.elapsed()),
+    );
     let mut completion: Value =
         serde_json::from_slice(&hit.entry.answer.completion).unwrap_or_else(|_| json!({}));
     let id: u64 = rand::thread_rng().gen();
@@ -410,17 +455,17 @@ fn serve_hit(request: &ChatRequest, hit: &Hit) -> Response {
 }
 
 /// Sends the chat request upstream unchanged and passes the answer through, stored nowhere.
-async fn forward_chat(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Bytes,
-    outcome: Outcome,
-) -> Result<Response, ApiError> {
-    let response = state.upstream.chat(headers, body).await?;
+async fn forward_chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let response = call_upstream(state, headers, body).await?;
     let status = response.status();
     let response_headers = response.headers().clone();
     let body = Body::from_stream(response.bytes_stream());
-    Ok(passthrough_response(status, &response_headers, body, outcome))
+    Ok(passthrough_response(
+        status,
+        &response_headers,
+        body,
+        Outcome::Bypass,
+    ))
 }
 
 fn passthrough_response(

@@ -215,7 +215,7 @@ impl Semcache {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        tokio::spawn(semcache::run(app.router, listener, async {
+        tokio::spawn(semcache::run(app, listener, async {
             let _ = stopped.await;
         }));
         Self {

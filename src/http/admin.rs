@@ -1,0 +1,260 @@
+//! Operator routes: live settings, entries, flushing; and the guard in front of them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::cache::{Entry, TenantId};
+use crate::config::Scope;
+use crate::openai::Invalid;
+use crate::settings::Settings;
+
+const MAX_LIMIT: usize = 1000;
+
+/// Lets a request through when it carries the admin token or, with no token configured, when it
+/// comes from the loopback interface. A proxy client's API key never opens these routes.
+pub async fn guard(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    match &state.admin_token {
+        Some(token) => {
+            let given = request
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !same_secret(given, token) {
+                return Err(ApiError::Unauthorized);
+            }
+        }
+        None if !peer.ip().is_loopback() => return Err(ApiError::Forbidden),
+        None => {}
+    }
+    Ok(next.run(request).await)
+}
+
+/// Compares two secrets in time independent of where they differ: both are hashed first, so
+/// the comparison runs over equal-length digests.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let given = Sha256::digest(given.as_bytes());
+    let expected = Sha256::digest(expected.as_bytes());
+    given
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+        == 0
+}
+
+/// Parses a JSON object body into `T`, answering in OpenAI's error shape when it does not fit.
+fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let invalid = |message: String| ApiError::InvalidRequest(Invalid { message, param: None });
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(value @ Value::Object(_)) => {
+            serde_json::from_value(value).map_err(|err| invalid(format!("Invalid request body: {err}")))
+        }
+        Ok(_) => Err(invalid("The request body must be a JSON object.".to_owned())),
+        Err(err) => Err(invalid(format!("The request body is not valid JSON: {err}"))),
+    }
+}
+
+fn config_json(state: &AppState) -> Value {
+    let settings = state.settings.load();
+    json!({
+        "threshold": settings.threshold,
+        "scope": match state.scope {
+            Scope::Tenant => "tenant",
+            Scope::Shared => "shared",
+        },
+        "max_body_bytes": state.max_body_bytes,
+        "admin_token_set": state.admin_token.is_some(),
+    })
+}
+
+pub async fn get_config(State(state): State<AppState>) -> Json<Value> {
+    Json(config_json(&state))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigPatch {
+    threshold: Option<f32>,
+}
+
+pub async fn patch_config(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let patch: ConfigPatch = parse_body(&body)?;
+    let mut settings: Settings = (**state.settings.load()).clone();
+    if let Some(threshold) = patch.threshold {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(ApiError::InvalidRequest(Invalid {
+                message: format!("'threshold' must be within [0, 1], got {threshold}."),
+                param: Some("threshold".to_owned()),
+            }));
+        }
+        settings.threshold = threshold;
+    }
+    // Saved first: a change that cannot be kept is not applied.
+    state.settings_store.save(&settings)?;
+    tracing::info!(
+        threshold = settings.threshold,
+        "settings changed through the admin API"
+    );
+    state.settings.store(Arc::new(settings));
+    Ok(Json(config_json(&state)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EntriesQuery {
+    query: Option<String>,
+    limit: Option<usize>,
+}
+
+fn entry_json(entry: &Entry, similarity: Option<f32>) -> Value {
+    let created = entry
+        .created
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut value = json!({
+        "id": entry.id,
+        "prompt": entry.prompt,
+        "model": entry.answer.model,
+        "tenant": entry.tenant.0.to_hex()[..16],
+        "hits": entry.hits.load(std::sync::atomic::Ordering::Relaxed),
+        "created": rfc3339(created),
+        "prompt_tokens": entry.answer.usage.prompt_tokens,
+        "completion_tokens": entry.answer.usage.completion_tokens,
+        "upstream_latency_ms": entry.answer.upstream_latency.as_secs_f64() * 1000.0,
+    });
+    if let Some(similarity) = similarity {
+        value["similarity"] = json!((similarity * 10_000.0).round() / 10_000.0);
+    }
+    value
+}
+
+pub async fn list_entries(
+    State(state): State<AppState>,
+    query: Result<Query<EntriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|err| {
+        ApiError::InvalidRequest(Invalid {
+            message: format!("Invalid query: {err}"),
+            param: Some("limit".to_owned()),
+        })
+    })?;
+    let limit = query.limit.unwrap_or(20);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::InvalidRequest(Invalid {
+            message: format!("'limit' must be between 1 and {MAX_LIMIT}."),
+            param: Some("limit".to_owned()),
+        }));
+    }
+    let data: Vec<Value> = match query.query.filter(|q| !q.trim().is_empty()) {
+        Some(text) => state
+            .cache
+            .nearest_anywhere(&text, limit)
+            .await?
+            .iter()
+            .map(|(entry, similarity)| entry_json(entry, Some(*similarity)))
+            .collect(),
+        None => state
+            .cache
+            .recent(limit)
+            .iter()
+            .map(|entry| entry_json(entry, None))
+            .collect(),
+    };
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub async fn delete_entry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let removed = id.parse::<u64>().is_ok_and(|id| state.cache.remove(id));
+    if !removed {
+        return Err(ApiError::NotFound(format!("No entry with id {id:?}.")));
+    }
+    Ok(Json(
+        json!({"id": id.parse::<u64>().unwrap_or_default(), "deleted": true}),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlushRequest {
+    /// Only this client key's entries; hashed like every tenant key, never kept.
+    api_key: Option<String>,
+}
+
+pub async fn flush(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: FlushRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        FlushRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let tenant = request.api_key.as_deref().map(TenantId::from_api_key);
+    let removed = state.cache.flush(tenant);
+    tracing::info!(
+        removed,
+        one_tenant = tenant.is_some(),
+        "cache flushed through the admin API"
+    );
+    Ok(Json(json!({"removed": removed})))
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC time, without a date-time crate.
+fn rfc3339(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let secs_of_day = unix_secs % 86_400;
+    // Civil-from-days, after Howard Hinnant's algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs_of_day / 3600,
+        secs_of_day % 3600 / 60,
+        secs_of_day % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(same_secret("admin-token-0123456789", "admin-token-0123456789"));
+        assert!(!same_secret("admin-token-0123456788", "admin-token-0123456789"));
+        assert!(!same_secret("", "admin-token-0123456789"));
+    }
+}

@@ -1,0 +1,227 @@
+//! `/stats` as JSON and `/metrics` in Prometheus' text format, from one snapshot.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::AppState;
+use crate::stats::{Snapshot, BUCKETS};
+
+fn edges() -> Vec<f64> {
+    (0..=BUCKETS).map(|i| i as f64 / BUCKETS as f64).collect()
+}
+
+pub async fn stats(State(state): State<AppState>) -> Json<Value> {
+    let s = state.stats.snapshot();
+    let breakdown = |requests: u64, hits: u64, tokens: u64, cost: f64| json!({"requests": requests, "hits": hits, "tokens_saved": tokens, "cost_saved_usd": cost});
+    let by_model: Map<String, Value> = s
+        .by_model
+        .iter()
+        .map(|(model, row, priced)| {
+            let mut value = breakdown(row.requests, row.hits, row.tokens_saved, row.cost_saved_usd);
+            value["priced"] = json!(priced);
+            (model.clone(), value)
+        })
+        .collect();
+    let by_tenant: Map<String, Value> = s
+        .by_tenant
+        .iter()
+        .map(|(tenant, row)| {
+            (
+                tenant.0.to_hex()[..16].to_owned(),
+                breakdown(row.requests, row.hits, row.tokens_saved, row.cost_saved_usd),
+            )
+        })
+        .collect();
+    let history: Vec<Value> = s
+        .history
+        .iter()
+        .map(|i| json!({"t": i.unix_secs, "requests": i.requests, "hits": i.hits}))
+        .collect();
+    Json(json!({
+        "requests": s.requests,
+        "hits": s.hits,
+        "exact_hits": s.exact_hits,
+        "semantic_hits": s.semantic_hits,
+        "misses": s.misses,
+        "bypassed": s.bypassed,
+        "rejected": s.rejected,
+        "hit_rate": (s.hit_rate() * 10_000.0).round() / 10_000.0,
+        "upstream_calls": s.upstream_calls,
+        "upstream_errors": s.upstream_errors,
+        "tokens_saved": s.tokens_saved(),
+        "prompt_tokens_saved": s.prompt_tokens_saved,
+        "completion_tokens_saved": s.completion_tokens_saved,
+        "cost_saved_usd": s.cost_saved_usd,
+        "unpriced_models": s.unpriced_models(),
+        "latency_saved_ms": s.latency_saved_ms,
+        "entries": state.cache.len(),
+        "threshold": state.settings.load().threshold,
+        "similarity": {
+            "edges": edges(),
+            "hits": s.hit_similarity,
+            "near_misses": s.near_miss_similarity,
+        },
+        "by_model": by_model,
+        "by_tenant": by_tenant,
+        "history": history,
+    }))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let snapshot = state.stats.snapshot();
+    let text = prometheus_text(
+        &snapshot,
+        state.cache.len(),
+        state.settings.load().threshold,
+        state.stats.hit_similarity.sum(),
+        state.stats.near_miss_similarity.sum(),
+    );
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// Escapes a label value as the exposition format requires.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn prometheus_text(s: &Snapshot, entries: usize, threshold: f32, hit_sum: f64, near_sum: f64) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let plain = |value: f64| vec![(String::new(), value)];
+    family(
+        "semcache_requests_total",
+        "counter",
+        "Chat completion requests by how the cache answered them.",
+        &[
+            ("{outcome=\"exact_hit\"}".to_owned(), s.exact_hits as f64),
+            ("{outcome=\"semantic_hit\"}".to_owned(), s.semantic_hits as f64),
+            ("{outcome=\"miss\"}".to_owned(), s.misses as f64),
+            ("{outcome=\"bypass\"}".to_owned(), s.bypassed as f64),
+        ],
+    );
+    family(
+        "semcache_rejected_requests_total",
+        "counter",
+        "Requests refused before the cache (bad body or header).",
+        &plain(s.rejected as f64),
+    );
+    family(
+        "semcache_upstream_calls_total",
+        "counter",
+        "Calls sent to the upstream.",
+        &plain(s.upstream_calls as f64),
+    );
+    family(
+        "semcache_upstream_errors_total",
+        "counter",
+        "Upstream calls that timed out, failed, answered an error status or broke mid-stream.",
+        &plain(s.upstream_errors as f64),
+    );
+    family(
+        "semcache_tokens_saved_total",
+        "counter",
+        "Tokens of answers served from the cache, from their stored usage.",
+        &[
+            ("{kind=\"prompt\"}".to_owned(), s.prompt_tokens_saved as f64),
+            (
+                "{kind=\"completion\"}".to_owned(),
+                s.completion_tokens_saved as f64,
+            ),
+        ],
+    );
+    family(
+        "semcache_cost_saved_dollars_total",
+        "counter",
+        "Upstream cost of the answers served from the cache, for models with a known price.",
+        &plain(s.cost_saved_usd),
+    );
+    family(
+        "semcache_latency_saved_seconds_total",
+        "counter",
+        "Upstream time of the answers served from the cache minus the time the hits took.",
+        &plain(s.latency_saved_ms / 1000.0),
+    );
+    family(
+        "semcache_entries",
+        "gauge",
+        "Entries in the cache.",
+        &plain(entries as f64),
+    );
+    family(
+        "semcache_similarity_threshold",
+        "gauge",
+        "The live similarity threshold.",
+        &plain(f64::from(threshold)),
+    );
+    let per_model = |pick: &dyn Fn(&crate::stats::BreakdownSnapshot) -> f64| -> Vec<(String, f64)> {
+        s.by_model
+            .iter()
+            .map(|(model, row, _)| (format!("{{model=\"{}\"}}", label(model)), pick(row)))
+            .collect()
+    };
+    family(
+        "semcache_model_requests_total",
+        "counter",
+        "Chat completion requests per model.",
+        &per_model(&|row| row.requests as f64),
+    );
+    family(
+        "semcache_model_hits_total",
+        "counter",
+        "Cache hits per model.",
+        &per_model(&|row| row.hits as f64),
+    );
+    family(
+        "semcache_model_cost_saved_dollars_total",
+        "counter",
+        "Cost saved per model.",
+        &per_model(&|row| row.cost_saved_usd),
+    );
+    for (name, help, counts, sum) in [
+        (
+            "semcache_hit_similarity",
+            "Similarity of the entries that answered hits.",
+            &s.hit_similarity,
+            hit_sum,
+        ),
+        (
+            "semcache_near_miss_similarity",
+            "Similarity of the best candidate when a lookup missed.",
+            &s.near_miss_similarity,
+            near_sum,
+        ),
+    ] {
+        let mut samples = Vec::new();
+        let mut cumulative = 0;
+        for (i, count) in counts.iter().enumerate() {
+            cumulative += count;
+            let upper = (i + 1) as f64 / BUCKETS as f64;
+            let le = if i + 1 == BUCKETS {
+                "+Inf".to_owned()
+            } else {
+                format!("{upper}")
+            };
+            samples.push((format!("_bucket{{le=\"{le}\"}}"), cumulative as f64));
+        }
+        samples.push(("_sum".to_owned(), sum));
+        samples.push(("_count".to_owned(), cumulative as f64));
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (suffix, value) in samples {
+            let _ = writeln!(out, "{name}{suffix} {value}");
+        }
+    }
+    out
+}

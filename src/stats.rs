@@ -1,0 +1,476 @@
+//! What the cache did and what it saved: counters, similarity histograms, per-model and
+//! per-tenant breakdowns, and a short history for the dashboard.
+//!
+//! Totals are atomics. The breakdown maps take a read lock to find their row (a write lock only
+//! the first time a model or tenant is seen).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde::Deserialize;
+
+use crate::cache::{HitKind, TenantId, Usage};
+
+/// Number of equal-width similarity buckets between 0 and 1.
+pub const BUCKETS: usize = 20;
+/// How many history intervals are kept (one hour at the default interval).
+const HISTORY_LEN: usize = 360;
+pub const HISTORY_INTERVAL: Duration = Duration::from_secs(10);
+/// Money is counted in pico-dollars, so that sums of tiny per-token prices stay exact.
+const PICO: f64 = 1e12;
+
+/// Input and output prices of a model, in dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+/// List prices of common OpenAI models, dollars per million tokens (input, output). Override or
+/// extend them with `--prices FILE`.
+const DEFAULT_PRICES: &[(&str, f64, f64)] = &[
+    ("gpt-4o-mini", 0.15, 0.60),
+    ("gpt-4o", 2.50, 10.00),
+    ("gpt-4.1-nano", 0.10, 0.40),
+    ("gpt-4.1-mini", 0.40, 1.60),
+    ("gpt-4.1", 2.00, 8.00),
+    ("gpt-4-turbo", 10.00, 30.00),
+    ("gpt-4", 30.00, 60.00),
+    ("gpt-3.5-turbo", 0.50, 1.50),
+    ("gpt-5-nano", 0.05, 0.40),
+    ("gpt-5-mini", 0.25, 2.00),
+    ("gpt-5", 1.25, 10.00),
+    ("o1-mini", 1.10, 4.40),
+    ("o1", 15.00, 60.00),
+    ("o3-mini", 1.10, 4.40),
+    ("o3", 2.00, 8.00),
+    ("o4-mini", 1.10, 4.40),
+];
+
+#[derive(Debug, Clone)]
+pub struct PriceTable {
+    prices: HashMap<String, Price>,
+}
+
+impl Default for PriceTable {
+    fn default() -> Self {
+        let prices = DEFAULT_PRICES
+            .iter()
+            .map(|(model, input, output)| {
+                (
+                    (*model).to_owned(),
+                    Price {
+                        input: *input,
+                        output: *output,
+                    },
+                )
+            })
+            .collect();
+        Self { prices }
+    }
+}
+
+impl PriceTable {
+    /// The defaults, overridden and extended by a JSON file `{"model": {"input": x, "output": y}}`.
+    pub fn with_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
+        let extra: HashMap<String, Price> =
+            serde_json::from_str(&text).map_err(|err| format!("{}: {err}", path.display()))?;
+        if let Some((model, _)) = extra.iter().find(|(_, p)| !(p.input >= 0.0 && p.output >= 0.0)) {
+            return Err(format!(
+                "{}: prices of {model} must not be negative",
+                path.display()
+            ));
+        }
+        let mut table = Self::default();
+        table.prices.extend(extra);
+        Ok(table)
+    }
+
+    /// The price of a model: its own, or that of the longest known name it starts with, so that
+    /// dated snapshots such as `gpt-4o-mini-2024-07-18` are priced like their family.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        if let Some(price) = self.prices.get(model) {
+            return Some(*price);
+        }
+        self.prices
+            .iter()
+            .filter(|(name, _)| {
+                model.starts_with(name.as_str()) && model.as_bytes().get(name.len()) == Some(&b'-')
+            })
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, price)| *price)
+    }
+}
+
+fn bucket_of(similarity: f32) -> usize {
+    ((similarity.clamp(0.0, 1.0) * BUCKETS as f32) as usize).min(BUCKETS - 1)
+}
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS],
+    /// Sum of observed similarities, in millionths, for Prometheus' `_sum`.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, similarity: f32) {
+        self.counts[bucket_of(similarity)].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add((similarity.clamp(0.0, 1.0) as f64 * 1e6) as u64, Relaxed);
+    }
+
+    pub fn counts(&self) -> [u64; BUCKETS] {
+        std::array::from_fn(|i| self.counts[i].load(Relaxed))
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum_micros.load(Relaxed) as f64 / 1e6
+    }
+}
+
+/// Counters of one model or one tenant.
+#[derive(Debug, Default)]
+pub struct Breakdown {
+    requests: AtomicU64,
+    hits: AtomicU64,
+    tokens_saved: AtomicU64,
+    cost_saved_pico: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakdownSnapshot {
+    pub requests: u64,
+    pub hits: u64,
+    pub tokens_saved: u64,
+    pub cost_saved_usd: f64,
+}
+
+impl Breakdown {
+    fn snapshot(&self) -> BreakdownSnapshot {
+        BreakdownSnapshot {
+            requests: self.requests.load(Relaxed),
+            hits: self.hits.load(Relaxed),
+            tokens_saved: self.tokens_saved.load(Relaxed),
+            cost_saved_usd: self.cost_saved_pico.load(Relaxed) as f64 / PICO,
+        }
+    }
+}
+
+/// One interval of the history: requests and hits counted in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    pub unix_secs: u64,
+    pub requests: u64,
+    pub hits: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    prices: PriceTable,
+    rejected: AtomicU64,
+    exact_hits: AtomicU64,
+    semantic_hits: AtomicU64,
+    misses: AtomicU64,
+    bypassed: AtomicU64,
+    upstream_calls: AtomicU64,
+    upstream_errors: AtomicU64,
+    prompt_tokens_saved: AtomicU64,
+    completion_tokens_saved: AtomicU64,
+    cost_saved_pico: AtomicU64,
+    latency_saved_micros: AtomicU64,
+    pub hit_similarity: Histogram,
+    pub near_miss_similarity: Histogram,
+    by_model: RwLock<HashMap<String, Arc<Breakdown>>>,
+    by_tenant: RwLock<HashMap<TenantId, Arc<Breakdown>>>,
+    history: Mutex<History>,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    intervals: VecDeque<Interval>,
+    /// Totals at the end of the last interval.
+    last_requests: u64,
+    last_hits: u64,
+}
+
+/// Everything in [`Stats`] at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub rejected: u64,
+    pub requests: u64,
+    pub hits: u64,
+    pub exact_hits: u64,
+    pub semantic_hits: u64,
+    pub misses: u64,
+    pub bypassed: u64,
+    pub upstream_calls: u64,
+    pub upstream_errors: u64,
+    pub prompt_tokens_saved: u64,
+    pub completion_tokens_saved: u64,
+    pub cost_saved_usd: f64,
+    pub latency_saved_ms: f64,
+    pub hit_similarity: [u64; BUCKETS],
+    pub near_miss_similarity: [u64; BUCKETS],
+    pub by_model: Vec<(String, BreakdownSnapshot, bool)>,
+    pub by_tenant: Vec<(TenantId, BreakdownSnapshot)>,
+    pub history: Vec<Interval>,
+}
+
+impl Snapshot {
+    pub fn hit_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.requests as f64
+        }
+    }
+
+    pub fn tokens_saved(&self) -> u64 {
+        self.prompt_tokens_saved + self.completion_tokens_saved
+    }
+
+    /// Models whose savings are counted in tokens only, for want of a price.
+    pub fn unpriced_models(&self) -> Vec<&str> {
+        self.by_model
+            .iter()
+            .filter(|(_, _, priced)| !priced)
+            .map(|(model, _, _)| model.as_str())
+            .collect()
+    }
+}
+
+impl Stats {
+    pub fn new(prices: PriceTable) -> Self {
+        Self {
+            prices,
+            ..Self::default()
+        }
+    }
+
+    fn row<K: std::hash::Hash + Eq + Clone>(
+        map: &RwLock<HashMap<K, Arc<Breakdown>>>,
+        key: &K,
+    ) -> Arc<Breakdown> {
+        if let Some(row) = map.read().get(key) {
+            return Arc::clone(row);
+        }
+        Arc::clone(map.write().entry(key.clone()).or_default())
+    }
+
+    fn count_request(&self, model: &str, tenant: TenantId) -> (Arc<Breakdown>, Arc<Breakdown>) {
+        let model_row = Self::row(&self.by_model, &model.to_owned());
+        let tenant_row = Self::row(&self.by_tenant, &tenant);
+        model_row.requests.fetch_add(1, Relaxed);
+        tenant_row.requests.fetch_add(1, Relaxed);
+        (model_row, tenant_row)
+    }
+
+    /// A request refused before it reached the cache (bad body, bad header).
+    pub fn record_rejected(&self) {
+        self.rejected.fetch_add(1, Relaxed);
+    }
+
+    /// A request answered from the cache. `saved_latency` is the stored answer's upstream time
+    /// minus the time this hit took.
+    pub fn record_hit(
+        &self,
+        model: &str,
+        tenant: TenantId,
+        kind: HitKind,
+        similarity: f32,
+        usage: Usage,
+        saved_latency: Duration,
+    ) {
+        let (model_row, tenant_row) = self.count_request(model, tenant);
+        match kind {
+            HitKind::Exact => self.exact_hits.fetch_add(1, Relaxed),
+            HitKind::Semantic => self.semantic_hits.fetch_add(1, Relaxed),
+        };
+        self.hit_similarity.observe(similarity);
+        self.prompt_tokens_saved.fetch_add(usage.prompt_tokens, Relaxed);
+        self.completion_tokens_saved
+            .fetch_add(usage.completion_tokens, Relaxed);
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
+        let cost_pico = self.prices.price(model).map_or(0, |price| {
+            let dollars = (usage.prompt_tokens as f64 * price.input
+                + usage.completion_tokens as f64 * price.output)
+                / 1e6;
+            (dollars * PICO).round() as u64
+        });
+        self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        self.latency_saved_micros
+            .fetch_add(saved_latency.as_micros() as u64, Relaxed);
+        for row in [&model_row, &tenant_row] {
+            row.hits.fetch_add(1, Relaxed);
+            row.tokens_saved.fetch_add(tokens, Relaxed);
+            row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        }
+    }
+
+    /// A request that went to the upstream after a lookup; `nearest` is the best candidate
+    /// that fell short of the threshold.
+    pub fn record_miss(&self, model: &str, tenant: TenantId, nearest: Option<f32>) {
+        self.count_request(model, tenant);
+        self.misses.fetch_add(1, Relaxed);
+        if let Some(similarity) = nearest {
+            self.near_miss_similarity.observe(similarity);
+        }
+    }
+
+    /// A request forwarded without the cache (no-store, n > 1, nothing to key on, cache failure).
+    pub fn record_bypass(&self, model: &str, tenant: TenantId) {
+        self.count_request(model, tenant);
+        self.bypassed.fetch_add(1, Relaxed);
+    }
+
+    /// A call sent to the upstream.
+    pub fn record_upstream_call(&self) {
+        self.upstream_calls.fetch_add(1, Relaxed);
+    }
+
+    /// An upstream call that failed: no answer in time, an error status, or a broken stream.
+    pub fn record_upstream_error(&self) {
+        self.upstream_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
+    /// Closes the current history interval; called every [`HISTORY_INTERVAL`].
+    pub fn tick(&self) {
+        let snapshot_requests = self.requests();
+        let snapshot_hits = self.hits();
+        let unix_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut history = self.history.lock();
+        let interval = Interval {
+            unix_secs,
+            requests: snapshot_requests - history.last_requests,
+            hits: snapshot_hits - history.last_hits,
+        };
+        history.last_requests = snapshot_requests;
+        history.last_hits = snapshot_hits;
+        history.intervals.push_back(interval);
+        if history.intervals.len() > HISTORY_LEN {
+            history.intervals.pop_front();
+        }
+    }
+
+    fn hits(&self) -> u64 {
+        self.exact_hits.load(Relaxed) + self.semantic_hits.load(Relaxed)
+    }
+
+    fn requests(&self) -> u64 {
+        self.hits() + self.misses.load(Relaxed) + self.bypassed.load(Relaxed)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let exact_hits = self.exact_hits.load(Relaxed);
+        let semantic_hits = self.semantic_hits.load(Relaxed);
+        let misses = self.misses.load(Relaxed);
+        let bypassed = self.bypassed.load(Relaxed);
+        let mut by_model: Vec<_> = self
+            .by_model
+            .read()
+            .iter()
+            .map(|(model, row)| (model.clone(), row.snapshot(), self.prices.price(model).is_some()))
+            .collect();
+        by_model.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut by_tenant: Vec<_> = self
+            .by_tenant
+            .read()
+            .iter()
+            .map(|(tenant, row)| (*tenant, row.snapshot()))
+            .collect();
+        by_tenant.sort_by_key(|(tenant, _)| tenant.0);
+        Snapshot {
+            rejected: self.rejected.load(Relaxed),
+            requests: exact_hits + semantic_hits + misses + bypassed,
+            hits: exact_hits + semantic_hits,
+            exact_hits,
+            semantic_hits,
+            misses,
+            bypassed,
+            upstream_calls: self.upstream_calls.load(Relaxed),
+            upstream_errors: self.upstream_errors.load(Relaxed),
+            prompt_tokens_saved: self.prompt_tokens_saved.load(Relaxed),
+            completion_tokens_saved: self.completion_tokens_saved.load(Relaxed),
+            cost_saved_usd: self.cost_saved_pico.load(Relaxed) as f64 / PICO,
+            latency_saved_ms: self.latency_saved_micros.load(Relaxed) as f64 / 1000.0,
+            hit_similarity: self.hit_similarity.counts(),
+            near_miss_similarity: self.near_miss_similarity.counts(),
+            by_model,
+            by_tenant,
+            history: self.history.lock().intervals.iter().copied().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dated_snapshots_are_priced_like_their_family() {
+        let prices = PriceTable::default();
+        assert_eq!(
+            prices.price("gpt-4o-mini-2024-07-18"),
+            prices.price("gpt-4o-mini")
+        );
+        assert_eq!(prices.price("gpt-4o-2024-08-06"), prices.price("gpt-4o"));
+        assert_ne!(prices.price("gpt-4o-mini"), prices.price("gpt-4o"));
+        assert_eq!(prices.price("gpt-4oops"), None);
+        assert_eq!(prices.price("my-local-llama"), None);
+    }
+
+    #[test]
+    fn hits_add_up_tokens_and_money() {
+        let stats = Stats::new(PriceTable::default());
+        let tenant = TenantId::shared();
+        let usage = Usage {
+            prompt_tokens: 1_000_000,
+            completion_tokens: 1_000_000,
+        };
+        stats.record_hit(
+            "gpt-4o-mini",
+            tenant,
+            HitKind::Exact,
+            1.0,
+            usage,
+            Duration::from_millis(900),
+        );
+        stats.record_hit("local", tenant, HitKind::Semantic, 0.9, usage, Duration::ZERO);
+        stats.record_miss("gpt-4o-mini", tenant, Some(0.5));
+        stats.record_bypass("gpt-4o-mini", tenant);
+        let s = stats.snapshot();
+        assert_eq!((s.requests, s.hits, s.misses, s.bypassed), (4, 2, 1, 1));
+        assert_eq!(s.tokens_saved(), 4_000_000);
+        assert!((s.cost_saved_usd - 0.75).abs() < 1e-9, "{}", s.cost_saved_usd);
+        assert_eq!(s.unpriced_models(), vec!["local"]);
+        assert_eq!(s.hit_similarity[BUCKETS - 1], 1);
+        assert_eq!(s.hit_similarity[18], 1);
+        assert_eq!(s.near_miss_similarity[10], 1);
+        assert_eq!(s.latency_saved_ms, 900.0);
+    }
+
+    #[test]
+    fn history_records_per_interval_counts() {
+        let stats = Stats::default();
+        stats.record_miss("m", TenantId::shared(), None);
+        stats.tick();
+        stats.record_bypass("m", TenantId::shared());
+        stats.record_bypass("m", TenantId::shared());
+        stats.tick();
+        let requests: Vec<u64> = stats.snapshot().history.iter().map(|i| i.requests).collect();
+        assert_eq!(requests, vec![1, 2]);
+    }
+}
