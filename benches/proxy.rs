@@ -61,7 +61,15 @@ fn benches(c: &mut Criterion) {
             serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
         let bare =
             serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
-        let args = ServeArgs::parse_from(["serve", "--upstream", &format!("http://{upstream}/v1")]);
+        let data_dir = std::env::temp_dir().join(format!("semcache-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let args = ServeArgs::parse_from([
+            "serve",
+            "--upstream",
+            &format!("http://{upstream}/v1"),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ]);
         let app = semcache::app(&args, Arc::clone(&embedder)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let semcache = listener.local_addr().unwrap();

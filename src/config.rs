@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::cache::Eviction;
+use crate::store::Durability;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "semcache",
@@ -68,6 +71,29 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Default lifetime of an entry in seconds; 0 keeps entries until evicted. A request's
+    /// `Cache-Control: max-age=N` sets the lifetime of the entry it stores.
+    #[arg(long, env = "SEMCACHE_TTL", default_value_t = 7 * 24 * 3600)]
+    pub ttl: u64,
+
+    /// Most entries kept; past it, entries are evicted by --eviction. 0: no bound.
+    #[arg(long, env = "SEMCACHE_MAX_ENTRIES", default_value_t = 100_000)]
+    pub max_entries: usize,
+
+    /// Which entry goes when the cache is full: least recently or least frequently used.
+    #[arg(long, env = "SEMCACHE_EVICTION", value_enum, default_value_t = Eviction::Lfu)]
+    pub eviction: Eviction,
+
+    /// strict: a new entry is on disk (fsynced) before its client gets the answer. relaxed:
+    /// entries are written in the background every --relaxed-window-ms; a crash can lose that
+    /// window's new entries.
+    #[arg(long, env = "SEMCACHE_DURABILITY", value_enum, default_value_t = Durability::Strict)]
+    pub durability: Durability,
+
+    /// With --durability relaxed: how long new entries may wait before they are written.
+    #[arg(long, env = "SEMCACHE_RELAXED_WINDOW_MS", default_value_t = 1000)]
+    pub relaxed_window_ms: u64,
+
     /// Token that opens the admin API, /stats and /metrics (`Authorization: Bearer TOKEN`).
     /// Without it, those routes answer only to clients on the loopback interface.
     #[arg(long, env = "SEMCACHE_ADMIN_TOKEN", hide_env_values = true)]
@@ -109,6 +135,14 @@ impl ServeArgs {
             return Err("--max-body-bytes must be positive".to_owned());
         }
         Ok(())
+    }
+
+    pub fn cache_config(&self) -> crate::cache::Config {
+        crate::cache::Config {
+            max_entries: self.max_entries,
+            eviction: self.eviction,
+            default_ttl: (self.ttl > 0).then(|| Duration::from_secs(self.ttl)),
+        }
     }
 
     pub fn upstream_config(&self) -> crate::upstream::Config {

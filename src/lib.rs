@@ -25,6 +25,7 @@ pub mod index;
 pub mod openai;
 pub mod settings;
 pub mod stats;
+pub mod store;
 pub mod upstream;
 
 use std::future::Future;
@@ -38,6 +39,10 @@ use crate::config::ServeArgs;
 use crate::embed::Embedder;
 use crate::settings::{Settings, SettingsStore, SharedSettings};
 use crate::stats::{PriceTable, Stats};
+use crate::store::{Store, Writer};
+
+/// How often expired entries are removed, hit counts saved and the index tidied.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The service, ready to serve: its router and handles on its live parts.
 pub struct App {
@@ -55,6 +60,8 @@ pub enum SetupError {
     Settings(#[from] settings::Error),
     #[error("reading --prices: {0}")]
     Prices(String),
+    #[error(transparent)]
+    Store(#[from] store::Error),
 }
 
 /// Builds the service from its configuration and an embedder.
@@ -76,8 +83,9 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         Some(path) => PriceTable::with_file(path).map_err(SetupError::Prices)?,
         None => PriceTable::default(),
     };
+    let cache = open_cache(args, embedder)?;
     let state = http::AppState {
-        cache: Arc::new(Cache::new(embedder)),
+        cache: Arc::new(cache),
         upstream: Arc::new(upstream::Upstream::new(args.upstream_config())?),
         settings: settings::shared(settings),
         settings_store,
@@ -97,6 +105,35 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
     })
 }
 
+/// Opens the store in the data directory and loads its entries into a cache.
+fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, SetupError> {
+    let started = std::time::Instant::now();
+    let store = Store::open(&args.data_dir)?;
+    let mut next_report = 0;
+    let records = store.load(|done, total| {
+        // A progress line every tenth of the way, for large stores.
+        if total >= 10_000 && done >= next_report {
+            tracing::info!("loading the store: {done}/{total} entries");
+            next_report = done + total / 10;
+        }
+    })?;
+    let loaded = records.len();
+    let writer = Writer::start(
+        store,
+        args.durability,
+        std::time::Duration::from_millis(args.relaxed_window_ms),
+    );
+    let cache = Cache::with_store(embedder, args.cache_config(), writer, records);
+    tracing::info!(
+        entries = cache.len(),
+        loaded,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        data_dir = %args.data_dir.display(),
+        "store opened"
+    );
+    Ok(cache)
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then finishes in-flight requests.
 pub async fn run(
     app: App,
@@ -112,6 +149,14 @@ pub async fn run(
             stats.tick();
         }
     });
+    let cache = Arc::clone(&app.cache);
+    let upkeep = tokio::spawn(async move {
+        loop {
+            let cache = Arc::clone(&cache);
+            let _ = tokio::task::spawn_blocking(move || cache.maintain()).await;
+            tokio::time::sleep(MAINTENANCE_INTERVAL).await;
+        }
+    });
     let served = axum::serve(
         listener,
         app.router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -119,5 +164,9 @@ pub async fn run(
     .with_graceful_shutdown(shutdown)
     .await;
     ticker.abort();
+    upkeep.abort();
+    if let Err(err) = app.cache.close_store().await {
+        tracing::error!(error = %err, "could not close the store at shutdown");
+    }
     served
 }

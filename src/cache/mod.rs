@@ -1,5 +1,6 @@
-//! The caching policy: exact and semantic lookup, insertion, and coalescing of identical
-//! misses. It does no network I/O; the HTTP layer feeds it keys and answers.
+//! The caching policy: exact and semantic lookup, insertion, expiry, eviction, and coalescing
+//! of identical misses. It does no network I/O; the HTTP layer feeds it keys and answers, and
+//! the store (when there is one) keeps what it holds on disk.
 
 mod flight;
 mod key;
@@ -7,16 +8,52 @@ mod key;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
+use rand::Rng;
 
 pub use flight::{Flight, FlightOutcome, Join};
 pub use key::{partition_of, Digest32, ExactKey, Fingerprint, RequestKey, TenantId};
 
 use crate::embed::{self, Embedder};
 use crate::index::Index;
+use crate::store::{self, Op, Record, Writer};
+
+/// Entries sampled to choose an eviction victim (as Redis does): close to exact LRU or LFU at a
+/// constant cost per eviction.
+const EVICTION_SAMPLES: usize = 16;
+/// Expired candidates skipped before a semantic lookup gives up.
+const MAX_EXPIRED_SKIPS: usize = 8;
+
+/// Which entry goes when the cache is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Eviction {
+    /// Least recently used (or stored).
+    Lru,
+    /// Least frequently used; ties go to the least recently used.
+    Lfu,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Most entries held; 0 means no bound.
+    pub max_entries: usize,
+    pub eviction: Eviction,
+    /// Lifetime of an entry unless its request said otherwise; `None`: no expiry.
+    pub default_ttl: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_entries: 0,
+            eviction: Eviction::Lfu,
+            default_ttl: None,
+        }
+    }
+}
 
 /// Token counts of an answer, as the upstream reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,7 +81,51 @@ pub struct Entry {
     pub exact: ExactKey,
     pub answer: Answer,
     pub created: SystemTime,
+    pub expires: Option<SystemTime>,
     pub hits: AtomicU64,
+    /// Milliseconds since the epoch of the last hit, or of creation before any.
+    pub last_used_ms: AtomicU64,
+    /// The cache's logical clock at the last use: orders uses within the same millisecond.
+    recency: AtomicU64,
+    /// Hit count last written to the store, to know which entries need their usage saved.
+    saved_hits: AtomicU64,
+}
+
+impl Entry {
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|expires| expires <= now)
+    }
+
+    /// Whether the entry is older than `max_age`.
+    pub fn is_older_than(&self, max_age: Duration, now: SystemTime) -> bool {
+        now.duration_since(self.created).unwrap_or_default() > max_age
+    }
+
+    fn touch(&self, clock: &AtomicU64) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.last_used_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        self.recency
+            .store(clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Lowest goes first.
+    fn eviction_score(&self, policy: Eviction) -> (u64, u64) {
+        let recency = self.recency.load(Ordering::Relaxed);
+        match policy {
+            Eviction::Lru => (recency, 0),
+            Eviction::Lfu => (self.hits.load(Ordering::Relaxed), recency),
+        }
+    }
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,34 +157,150 @@ pub enum Lookup {
     Miss(Miss),
 }
 
+/// What a lookup may serve.
+#[derive(Debug, Clone, Copy)]
+pub struct Criteria {
+    pub threshold: f32,
+    /// Entries older than this are not served (`Cache-Control: max-age` on the request).
+    pub max_age: Option<Duration>,
+}
+
+/// The in-memory layers, under one lock so they always agree.
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<u64, Arc<Entry>>,
+    exact: HashMap<ExactKey, u64>,
+    /// Every id once, in no order, for sampling eviction victims in constant time.
+    ids: Vec<u64>,
+    id_slot: HashMap<u64, usize>,
+}
+
+impl Inner {
+    fn add(&mut self, entry: Arc<Entry>) -> Option<u64> {
+        self.id_slot.insert(entry.id, self.ids.len());
+        self.ids.push(entry.id);
+        let replaced = self.exact.insert(entry.exact, entry.id);
+        self.entries.insert(entry.id, entry);
+        replaced
+    }
+
+    fn take(&mut self, entry_id: u64) -> Option<Arc<Entry>> {
+        let entry = self.entries.remove(&entry_id)?;
+        if self.exact.get(&entry.exact) == Some(&entry_id) {
+            self.exact.remove(&entry.exact);
+        }
+        if let Some(slot) = self.id_slot.remove(&entry_id) {
+            self.ids.swap_remove(slot);
+            if let Some(&moved) = self.ids.get(slot) {
+                self.id_slot.insert(moved, slot);
+            }
+        }
+        Some(entry)
+    }
+}
+
 pub struct Cache {
     embedder: Arc<dyn Embedder>,
     index: Index,
-    entries: RwLock<HashMap<u64, Arc<Entry>>>,
-    exact: RwLock<HashMap<ExactKey, u64>>,
+    inner: RwLock<Inner>,
     next_id: AtomicU64,
+    /// Logical clock for recency; ticks at every insert and hit.
+    clock: AtomicU64,
     flights: flight::Flights,
+    config: Config,
+    writer: Option<Writer>,
 }
 
 impl Cache {
-    pub fn new(embedder: Arc<dyn Embedder>) -> Self {
+    /// A cache held in memory only.
+    pub fn new(embedder: Arc<dyn Embedder>, config: Config) -> Self {
         Self {
             embedder,
             index: Index::new(),
-            entries: RwLock::default(),
-            exact: RwLock::default(),
+            inner: RwLock::default(),
             next_id: AtomicU64::new(1),
+            clock: AtomicU64::new(1),
             flights: flight::Flights::default(),
+            config,
+            writer: None,
         }
+    }
+
+    /// A cache whose entries are written to a store and reloaded from `records`.
+    pub fn with_store(
+        embedder: Arc<dyn Embedder>,
+        config: Config,
+        writer: Writer,
+        records: Vec<Record>,
+    ) -> Self {
+        let mut cache = Self::new(embedder, config);
+        cache.writer = Some(writer);
+        cache.restore(records);
+        cache
+    }
+
+    fn restore(&self, mut records: Vec<Record>) {
+        let now = SystemTime::now();
+        let mut max_id = 0;
+        // Recency restarts from the saved last-use times, oldest first.
+        records.sort_by_key(|record| (record.last_hit_ms.max(record.created_ms), record.id));
+        for record in records {
+            max_id = max_id.max(record.id);
+            let key = RequestKey::new(
+                TenantId(Digest32(record.tenant)),
+                Fingerprint(Digest32(record.fingerprint)),
+                record.prompt,
+            );
+            let entry = Arc::new(Entry {
+                id: record.id,
+                tenant: key.tenant,
+                fingerprint: key.fingerprint,
+                exact: key.exact,
+                answer: Answer {
+                    completion: Bytes::from(record.completion),
+                    model: record.model,
+                    usage: Usage {
+                        prompt_tokens: record.prompt_tokens,
+                        completion_tokens: record.completion_tokens,
+                    },
+                    upstream_latency: Duration::from_micros(record.upstream_latency_us),
+                },
+                created: from_unix_ms(record.created_ms),
+                expires: record.expires_ms.map(from_unix_ms),
+                hits: AtomicU64::new(record.hits),
+                last_used_ms: AtomicU64::new(record.last_hit_ms.max(record.created_ms)),
+                recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+                saved_hits: AtomicU64::new(record.hits),
+                prompt: key.prompt,
+            });
+            if entry.is_expired(now) {
+                self.persist(Op::Delete(entry.id));
+                continue;
+            }
+            if let Some(embedding) = record.embedding {
+                self.index
+                    .insert(partition_of(entry.tenant, entry.fingerprint), entry.id, embedding);
+            }
+            let replaced = self.inner.write().add(entry);
+            if let Some(old_id) = replaced {
+                self.remove(old_id);
+            }
+        }
+        self.next_id.store(max_id + 1, Ordering::Relaxed);
+        self.evict_to_bound(None);
     }
 
     pub fn embedder(&self) -> &Arc<dyn Embedder> {
         &self.embedder
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Number of entries held.
     pub fn len(&self) -> usize {
-        self.entries.read().len()
+        self.inner.read().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,14 +308,32 @@ impl Cache {
     }
 
     pub fn get(&self, entry_id: u64) -> Option<Arc<Entry>> {
-        self.entries.read().get(&entry_id).cloned()
+        self.inner.read().entries.get(&entry_id).cloned()
+    }
+
+    /// An entry that may be served: not expired (expired ones are removed on the way) and not
+    /// older than the request allows.
+    fn servable(&self, entry_id: u64, criteria: &Criteria) -> Result<Arc<Entry>, Unservable> {
+        let entry = self.get(entry_id).ok_or(Unservable::Gone)?;
+        let now = SystemTime::now();
+        if entry.is_expired(now) {
+            self.remove(entry_id);
+            return Err(Unservable::Expired);
+        }
+        if criteria
+            .max_age
+            .is_some_and(|max_age| entry.is_older_than(max_age, now))
+        {
+            return Err(Unservable::TooOld);
+        }
+        Ok(entry)
     }
 
     /// The exact layer alone: no embedding is computed.
-    pub fn lookup_exact(&self, key: &RequestKey) -> Option<Hit> {
-        let entry_id = *self.exact.read().get(&key.exact)?;
-        let entry = self.get(entry_id)?;
-        entry.hits.fetch_add(1, Ordering::Relaxed);
+    pub fn lookup_exact(&self, key: &RequestKey, criteria: &Criteria) -> Option<Hit> {
+        let entry_id = *self.inner.read().exact.get(&key.exact)?;
+        let entry = self.servable(entry_id, criteria).ok()?;
+        entry.touch(&self.clock);
         Some(Hit {
             entry,
             similarity: 1.0,
@@ -128,28 +343,40 @@ impl Cache {
 
     /// Exact lookup, then a search by meaning among the entries of the same tenant and context.
     /// Embedding runs on the blocking pool.
-    pub async fn lookup(&self, key: &RequestKey, threshold: f32) -> Result<Lookup, embed::Error> {
-        if let Some(hit) = self.lookup_exact(key) {
+    pub async fn lookup(&self, key: &RequestKey, criteria: &Criteria) -> Result<Lookup, embed::Error> {
+        if let Some(hit) = self.lookup_exact(key, criteria) {
             return Ok(Lookup::Hit(hit));
         }
         if !key.is_semantic() {
             return Ok(Lookup::Miss(Miss::default()));
         }
         let embedding = embed::embed_blocking(&self.embedder, &key.prompt).await?;
-        Ok(self.lookup_embedded(key, embedding, threshold))
+        Ok(self.lookup_embedded(key, embedding, criteria))
     }
 
     /// The semantic layer, for a prompt already embedded.
-    pub fn lookup_embedded(&self, key: &RequestKey, embedding: Vec<f32>, threshold: f32) -> Lookup {
-        let nearest = self.index.nearest(&key.partition(), &embedding);
-        if let Some(nearest) = nearest.filter(|n| n.similarity >= threshold) {
-            if let Some(entry) = self.get(nearest.entry_id) {
-                entry.hits.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Hit(Hit {
-                    entry,
-                    similarity: nearest.similarity.min(1.0),
-                    kind: HitKind::Semantic,
-                });
+    pub fn lookup_embedded(&self, key: &RequestKey, embedding: Vec<f32>, criteria: &Criteria) -> Lookup {
+        let partition = key.partition();
+        let mut nearest = None;
+        for _ in 0..MAX_EXPIRED_SKIPS {
+            nearest = self.index.nearest(&partition, &embedding);
+            let Some(candidate) = nearest.filter(|n| n.similarity >= criteria.threshold) else {
+                break;
+            };
+            match self.servable(candidate.entry_id, criteria) {
+                Ok(entry) => {
+                    entry.touch(&self.clock);
+                    return Lookup::Hit(Hit {
+                        entry,
+                        similarity: candidate.similarity.min(1.0),
+                        kind: HitKind::Semantic,
+                    });
+                }
+                // Removed, so the next search finds the next candidate.
+                Err(Unservable::Expired | Unservable::Gone) => {
+                    self.index.remove(&partition, candidate.entry_id);
+                }
+                Err(Unservable::TooOld) => break,
             }
         }
         Lookup::Miss(Miss {
@@ -158,10 +385,17 @@ impl Cache {
         })
     }
 
-    /// Stores an answer. The entry is served from the moment this returns; the index's graph
-    /// catches up separately (see [`Cache::catch_up`]). A previous entry for the same exact
-    /// key is replaced.
-    pub fn insert(&self, key: &RequestKey, embedding: Option<Vec<f32>>, answer: Answer) -> Arc<Entry> {
+    /// Stores an answer: on disk first (awaited in strict durability), then in memory, where it
+    /// is served from the moment this returns. `ttl` overrides the default lifetime. A
+    /// previous entry for the same exact key is replaced; a full cache evicts.
+    pub async fn insert(
+        &self,
+        key: &RequestKey,
+        embedding: Option<Vec<f32>>,
+        answer: Answer,
+        ttl: Option<Duration>,
+    ) -> Arc<Entry> {
+        let now = SystemTime::now();
         let entry = Arc::new(Entry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: key.tenant,
@@ -169,39 +403,87 @@ impl Cache {
             prompt: key.prompt.clone(),
             exact: key.exact,
             answer,
-            created: SystemTime::now(),
+            created: now,
+            expires: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
             hits: AtomicU64::new(0),
+            last_used_ms: AtomicU64::new(unix_ms(now)),
+            recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+            saved_hits: AtomicU64::new(0),
         });
-        self.entries.write().insert(entry.id, Arc::clone(&entry));
+        if let Some(writer) = &self.writer {
+            let record = Box::new(record_of(&entry, embedding.clone()));
+            if let Err(err) = writer.write(Op::Put(record)).await {
+                // Still served from memory: a broken disk degrades durability, not answers.
+                tracing::error!(error = %err, entry = entry.id, "entry not saved to the store");
+            }
+        }
         if let Some(embedding) = embedding {
             self.index.insert(key.partition(), entry.id, embedding);
         }
-        let replaced = self.exact.write().insert(key.exact, entry.id);
+        let replaced = self.inner.write().add(Arc::clone(&entry));
         if let Some(old_id) = replaced {
             self.remove(old_id);
         }
+        self.evict_to_bound(Some(entry.id));
         entry
     }
 
-    /// Removes an entry from every layer. Returns whether it was there.
+    /// Evicts by policy until the cache is within `max_entries`, sparing `keep`.
+    fn evict_to_bound(&self, keep: Option<u64>) {
+        let max = self.config.max_entries;
+        if max == 0 {
+            return;
+        }
+        while self.len() > max {
+            let victim = {
+                let inner = self.inner.read();
+                let mut rng = rand::thread_rng();
+                let candidates: Vec<u64> = if inner.ids.len() <= EVICTION_SAMPLES {
+                    inner.ids.clone()
+                } else {
+                    (0..EVICTION_SAMPLES)
+                        .map(|_| inner.ids[rng.gen_range(0..inner.ids.len())])
+                        .collect()
+                };
+                candidates
+                    .into_iter()
+                    .filter(|id| Some(*id) != keep)
+                    .filter_map(|id| inner.entries.get(&id))
+                    .min_by_key(|entry| entry.eviction_score(self.config.eviction))
+                    .map(|entry| entry.id)
+            };
+            match victim {
+                Some(victim) => {
+                    self.remove(victim);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Removes an entry from every layer and from the store. Returns whether it was there.
     pub fn remove(&self, entry_id: u64) -> bool {
-        let Some(entry) = self.entries.write().remove(&entry_id) else {
+        let Some(entry) = self.inner.write().take(entry_id) else {
             return false;
         };
         self.index
             .remove(&partition_of(entry.tenant, entry.fingerprint), entry_id);
-        let mut exact = self.exact.write();
-        if exact.get(&entry.exact) == Some(&entry_id) {
-            exact.remove(&entry.exact);
-        }
+        self.persist(Op::Delete(entry_id));
         true
+    }
+
+    fn persist(&self, op: Op) {
+        if let Some(writer) = &self.writer {
+            writer.submit(op);
+        }
     }
 
     /// Removes every entry, or every entry of one tenant. Returns how many were removed.
     pub fn flush(&self, tenant: Option<TenantId>) -> usize {
         let ids: Vec<u64> = self
-            .entries
+            .inner
             .read()
+            .entries
             .values()
             .filter(|entry| tenant.is_none_or(|tenant| entry.tenant == tenant))
             .map(|entry| entry.id)
@@ -209,9 +491,34 @@ impl Cache {
         ids.into_iter().filter(|id| self.remove(*id)).count()
     }
 
+    /// Removes every entry of `tenant` (every tenant when `None`) whose prompt is at least
+    /// `min_similarity` similar to `text`. Returns how many were removed.
+    pub async fn invalidate(
+        &self,
+        text: &str,
+        min_similarity: f32,
+        tenant: Option<TenantId>,
+    ) -> Result<usize, embed::Error> {
+        let embedding = embed::embed_blocking(&self.embedder, text).await?;
+        let candidates = self.index.within(&embedding, min_similarity);
+        let ids: Vec<u64> = {
+            let inner = self.inner.read();
+            candidates
+                .into_iter()
+                .filter(|id| {
+                    inner
+                        .entries
+                        .get(id)
+                        .is_some_and(|entry| tenant.is_none_or(|tenant| entry.tenant == tenant))
+                })
+                .collect()
+        };
+        Ok(ids.into_iter().filter(|id| self.remove(*id)).count())
+    }
+
     /// The newest entries first.
     pub fn recent(&self, limit: usize) -> Vec<Arc<Entry>> {
-        let mut entries: Vec<Arc<Entry>> = self.entries.read().values().cloned().collect();
+        let mut entries: Vec<Arc<Entry>> = self.inner.read().entries.values().cloned().collect();
         entries.sort_by_key(|entry| std::cmp::Reverse(entry.id));
         entries.truncate(limit);
         entries
@@ -238,8 +545,238 @@ impl Cache {
         self.index.catch_up(&key.partition());
     }
 
+    /// Background upkeep: removes expired entries, saves hit counts, compacts the index and
+    /// brings its graphs up to date. Slow: call it on the blocking pool.
+    pub fn maintain(&self) {
+        let now = SystemTime::now();
+        let (expired, touched): (Vec<u64>, Vec<Op>) = {
+            let inner = self.inner.read();
+            let expired = inner
+                .entries
+                .values()
+                .filter(|entry| entry.is_expired(now))
+                .map(|entry| entry.id)
+                .collect();
+            let touched = inner
+                .entries
+                .values()
+                .filter_map(|entry| {
+                    let hits = entry.hits.load(Ordering::Relaxed);
+                    (entry.saved_hits.swap(hits, Ordering::Relaxed) != hits).then(|| Op::Touch {
+                        id: entry.id,
+                        hits,
+                        last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            (expired, touched)
+        };
+        for id in expired {
+            self.remove(id);
+        }
+        for op in touched {
+            self.persist(op);
+        }
+        self.index.compact();
+        self.index.catch_up_all();
+    }
+
+    /// Waits until every change so far is on disk.
+    pub async fn flush_store(&self) -> Result<(), store::Error> {
+        match &self.writer {
+            Some(writer) => writer.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Saves everything and closes the store; the cache keeps serving from memory only.
+    pub async fn close_store(&self) -> Result<(), store::Error> {
+        match &self.writer {
+            Some(writer) => writer.close().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Number of live vectors in the index; equals the number of entries with an embedding.
+    pub fn indexed(&self) -> usize {
+        self.index.len()
+    }
+
     /// Joins the in-flight upstream call for this exact key, or becomes its leader.
     pub fn join(&self, key: &RequestKey) -> Join {
         self.flights.join(key.exact)
+    }
+}
+
+enum Unservable {
+    Gone,
+    Expired,
+    TooOld,
+}
+
+fn record_of(entry: &Entry, embedding: Option<Vec<f32>>) -> Record {
+    Record {
+        id: entry.id,
+        tenant: entry.tenant.0 .0,
+        fingerprint: entry.fingerprint.0 .0,
+        prompt: entry.prompt.clone(),
+        embedding,
+        completion: entry.answer.completion.to_vec(),
+        model: entry.answer.model.clone(),
+        prompt_tokens: entry.answer.usage.prompt_tokens,
+        completion_tokens: entry.answer.usage.completion_tokens,
+        upstream_latency_us: entry.answer.upstream_latency.as_micros() as u64,
+        created_ms: unix_ms(entry.created),
+        expires_ms: entry.expires.map(unix_ms),
+        hits: entry.hits.load(Ordering::Relaxed),
+        last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Embeds by the first letter, so that tests control similarity exactly.
+    struct FirstLetter;
+
+    impl Embedder for FirstLetter {
+        fn dimensions(&self) -> usize {
+            26
+        }
+
+        fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
+            Ok(texts
+                .iter()
+                .map(|text| {
+                    let mut v = vec![0.0; 26];
+                    let letter = text.bytes().next().unwrap_or(b'a').to_ascii_lowercase();
+                    v[usize::from(letter.saturating_sub(b'a')).min(25)] = 1.0;
+                    v
+                })
+                .collect())
+        }
+    }
+
+    fn key(prompt: &str) -> RequestKey {
+        RequestKey::new(
+            TenantId::shared(),
+            Fingerprint(Digest32::of("t", &[b"ctx"])),
+            prompt.to_owned(),
+        )
+    }
+
+    fn answer() -> Answer {
+        Answer {
+            completion: Bytes::from_static(b"{}"),
+            model: "m".into(),
+            usage: Usage::default(),
+            upstream_latency: Duration::from_millis(100),
+        }
+    }
+
+    const ANY: Criteria = Criteria {
+        threshold: 0.5,
+        max_age: None,
+    };
+
+    async fn fill(cache: &Cache, prompts: &[&str]) {
+        for prompt in prompts {
+            let embedding = cache.embedder().embed(&[prompt]).unwrap().remove(0);
+            cache.insert(&key(prompt), Some(embedding), answer(), None).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_never_served() {
+        let cache = Cache::new(Arc::new(FirstLetter), Config::default());
+        let k = key("apple");
+        cache
+            .insert(
+                &k,
+                Some(FirstLetter.embed(&["apple"]).unwrap().remove(0)),
+                answer(),
+                Some(Duration::ZERO),
+            )
+            .await;
+        assert!(cache.lookup_exact(&k, &ANY).is_none());
+        assert!(matches!(
+            cache.lookup(&key("avocado"), &ANY).await.unwrap(),
+            Lookup::Miss(_)
+        ));
+        assert_eq!(cache.len(), 0, "expired entries are removed when met");
+    }
+
+    #[tokio::test]
+    async fn max_age_on_the_request_skips_older_entries() {
+        let cache = Cache::new(Arc::new(FirstLetter), Config::default());
+        fill(&cache, &["apple"]).await;
+        std::thread::sleep(Duration::from_millis(20));
+        let strict = Criteria {
+            threshold: 0.5,
+            max_age: Some(Duration::from_millis(10)),
+        };
+        assert!(cache.lookup_exact(&key("apple"), &strict).is_none());
+        assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());
+    }
+
+    #[tokio::test]
+    async fn lru_evicts_the_least_recently_used() {
+        let config = Config {
+            max_entries: 3,
+            eviction: Eviction::Lru,
+            default_ttl: None,
+        };
+        let cache = Cache::new(Arc::new(FirstLetter), config);
+        fill(&cache, &["apple", "banana", "cherry"]).await;
+        assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());
+        fill(&cache, &["date"]).await;
+        assert_eq!(cache.len(), 3);
+        assert!(
+            cache.lookup_exact(&key("apple"), &ANY).is_some(),
+            "recently used stays"
+        );
+        assert!(
+            cache.lookup_exact(&key("banana"), &ANY).is_none(),
+            "least recently used goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn lfu_evicts_the_least_frequently_used() {
+        let config = Config {
+            max_entries: 3,
+            eviction: Eviction::Lfu,
+            default_ttl: None,
+        };
+        let cache = Cache::new(Arc::new(FirstLetter), config);
+        fill(&cache, &["apple", "banana", "cherry"]).await;
+        for _ in 0..3 {
+            cache.lookup_exact(&key("apple"), &ANY);
+            cache.lookup_exact(&key("cherry"), &ANY);
+        }
+        cache.lookup_exact(&key("banana"), &ANY);
+        fill(&cache, &["date"]).await;
+        assert!(
+            cache.lookup_exact(&key("banana"), &ANY).is_none(),
+            "used once: evicted"
+        );
+        assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());
+        assert!(cache.lookup_exact(&key("cherry"), &ANY).is_some());
+        assert_eq!(cache.indexed(), 3, "evicted entries leave the index");
+    }
+
+    #[tokio::test]
+    async fn invalidation_removes_similar_prompts_of_the_tenant() {
+        let cache = Cache::new(Arc::new(FirstLetter), Config::default());
+        fill(&cache, &["apple", "avocado", "banana"]).await;
+        let removed = cache
+            .invalidate("apricot", 0.9, Some(TenantId::shared()))
+            .await
+            .unwrap();
+        assert_eq!(removed, 2);
+        assert_eq!(cache.len(), 1);
+        let other = TenantId::from_api_key("sk-other");
+        assert_eq!(cache.invalidate("banana", 0.9, Some(other)).await.unwrap(), 0);
     }
 }

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::{error_body, ApiError};
 use super::AppState;
-use crate::cache::{Answer, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage};
+use crate::cache::{Answer, Criteria, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage};
 use crate::config::Scope;
 use crate::openai::sse::{self, Assembler, Parser};
 use crate::openai::ChatRequest;
@@ -54,6 +54,8 @@ struct Controls {
     /// `Cache-Control: no-store`: neither look up nor store.
     skip_store: bool,
     threshold: f32,
+    /// `Cache-Control: max-age=N`: serve nothing older, and keep the new answer that long.
+    max_age: Option<Duration>,
 }
 
 impl Controls {
@@ -62,6 +64,7 @@ impl Controls {
             skip_lookup: false,
             skip_store: false,
             threshold: configured_threshold,
+            max_age: None,
         };
         for value in headers.get_all(CACHE_CONTROL) {
             let value = value.to_str().map_err(|_| ApiError::BadHeader {
@@ -75,7 +78,21 @@ impl Controls {
                         controls.skip_lookup = true;
                         controls.skip_store = true;
                     }
-                    _ => {}
+                    directive => {
+                        if let Some(seconds) = directive.strip_prefix("max-age=") {
+                            let seconds: u64 =
+                                seconds
+                                    .trim_matches('"')
+                                    .parse()
+                                    .map_err(|_| ApiError::BadHeader {
+                                        header: "cache-control",
+                                        message: format!(
+                                            "max-age must be a whole number of seconds, got {seconds:?}"
+                                        ),
+                                    })?;
+                            controls.max_age = Some(Duration::from_secs(seconds));
+                        }
+                    }
                 }
             }
         }
@@ -98,6 +115,13 @@ impl Controls {
             controls.threshold = threshold;
         }
         Ok(controls)
+    }
+
+    fn criteria(&self) -> Criteria {
+        Criteria {
+            threshold: self.threshold,
+            max_age: self.max_age,
+        }
     }
 }
 
@@ -130,7 +154,7 @@ pub async fn chat_completions(
     let mut nearest = None;
     let mut flight = None;
     if !controls.skip_lookup {
-        match state.cache.lookup(&key, controls.threshold).await {
+        match state.cache.lookup(&key, &controls.criteria()).await {
             Ok(Lookup::Hit(hit)) => return Ok(serve_hit(&state, &request, &hit, started)),
             Ok(Lookup::Miss(miss)) => (embedding, nearest) = (miss.embedding, miss.nearest),
             Err(err) => {
@@ -143,7 +167,7 @@ pub async fn chat_completions(
         match state.cache.join(&key) {
             Join::Leader(leader) => {
                 // The previous leader may have stored the answer since our lookup.
-                if let Some(hit) = state.cache.lookup_exact(&key) {
+                if let Some(hit) = state.cache.lookup_exact(&key, &controls.criteria()) {
                     leader.complete(Arc::clone(&hit.entry));
                     return Ok(serve_hit(&state, &request, &hit, started));
                 }
@@ -170,6 +194,7 @@ pub async fn chat_completions(
         embedding,
         flight,
         model: request.model.clone(),
+        ttl: controls.max_age,
     };
     if request.stream {
         miss.stream(&headers, &request).await
@@ -218,6 +243,7 @@ struct Miss {
     embedding: Option<Vec<f32>>,
     flight: Option<Flight>,
     model: String,
+    ttl: Option<Duration>,
 }
 
 impl Miss {
@@ -341,6 +367,7 @@ impl Miss {
             key,
             embedding,
             flight,
+            ttl,
             ..
         } = self;
         let embedding = match embedding {
@@ -356,7 +383,7 @@ impl Miss {
             }
             None => None,
         };
-        let entry = state.cache.insert(&key, embedding, answer);
+        let entry = state.cache.insert(&key, embedding, answer, ttl).await;
         if let Some(flight) = flight {
             flight.complete(entry);
         }

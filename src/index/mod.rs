@@ -113,6 +113,48 @@ impl Index {
         }
     }
 
+    /// Brings every partition's graph up to date. Slow: call it off the request path.
+    pub fn catch_up_all(&self) {
+        let partitions: Vec<_> = self.partitions.read().values().cloned().collect();
+        for partition in partitions {
+            partition.catch_up();
+        }
+    }
+
+    /// Ids of every live vector at least `min_similarity` similar to `query`, in any partition.
+    /// An exact scan: for rare operator actions, not the request path.
+    pub fn within(&self, query: &[f32], min_similarity: f32) -> Vec<u64> {
+        let partitions: Vec<_> = self.partitions.read().values().cloned().collect();
+        partitions
+            .iter()
+            .flat_map(|partition| {
+                let flat = partition.flat.read();
+                (0..flat.entry_ids.len())
+                    .filter(|slot| !flat.removed.contains(slot))
+                    .filter(|slot| dot(query, &flat.vectors[*slot]) >= min_similarity)
+                    .map(|slot| flat.entry_ids[slot])
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Drops empty partitions and rebuilds those where tombstones outnumber live vectors, so
+    /// that memory follows the live entries. The rebuilt graph is built again by a later
+    /// catch-up; until then the partition is searched exactly.
+    pub fn compact(&self) {
+        let mut partitions = self.partitions.write();
+        partitions.retain(|_, partition| partition.len() > 0);
+        for partition in partitions.values_mut() {
+            let needs_compaction = {
+                let flat = partition.flat.read();
+                flat.removed.len() > 64 && flat.removed.len() > flat.entry_ids.len() / 2
+            };
+            if needs_compaction {
+                *partition = Arc::new(partition.compacted());
+            }
+        }
+    }
+
     /// Marks a vector as removed; searches skip it from now on.
     pub fn remove(&self, partition: &PartitionId, entry_id: u64) {
         if let Some(partition) = self.partitions.read().get(partition) {
@@ -238,9 +280,19 @@ impl Partition {
         }
     }
 
+    /// A copy holding only the live vectors, without a graph.
+    fn compacted(&self) -> Partition {
+        let flat = self.flat.read();
+        let fresh = Partition::default();
+        for slot in (0..flat.entry_ids.len()).filter(|slot| !flat.removed.contains(slot)) {
+            fresh.insert(flat.entry_ids[slot], flat.vectors[slot].clone());
+        }
+        fresh
+    }
+
     fn remove(&self, entry_id: u64) {
         let mut flat = self.flat.write();
-        if let Some(&slot) = flat.slot_of.get(&entry_id) {
+        if let Some(slot) = flat.slot_of.remove(&entry_id) {
             flat.removed.insert(slot);
         }
     }
@@ -308,6 +360,29 @@ mod tests {
             }
         }
         assert!(agree >= 95, "recall@1 {agree}/100");
+    }
+
+    #[test]
+    fn compaction_drops_tombstones_and_empty_partitions() {
+        let index = Index::new();
+        let (p, q) = (PartitionId([1; 32]), PartitionId([2; 32]));
+        for id in 0..200u64 {
+            index.insert(p, id, vec![1.0, id as f32]);
+        }
+        index.insert(q, 1000, vec![1.0, 0.0]);
+        for id in 0..150u64 {
+            index.remove(&p, id);
+        }
+        index.remove(&q, 1000);
+        index.compact();
+        let partitions = index.partitions.read();
+        assert_eq!(partitions.len(), 1, "the empty partition is gone");
+        let flat = partitions[&p].flat.read();
+        assert_eq!((flat.entry_ids.len(), flat.removed.len()), (50, 0));
+        drop(flat);
+        drop(partitions);
+        assert_eq!(index.nearest(&p, &[0.0, 1.0]).map(|n| n.entry_id), Some(199));
+        assert_eq!(index.within(&[1.0, 0.0], -1.0).len(), 50);
     }
 
     #[test]

@@ -96,7 +96,7 @@ async fn the_threshold_is_tuned_live_validated_and_kept_across_a_restart() {
         0.995
     );
 
-    drop(semcache);
+    semcache.stop().await;
     let restarted = start().await;
     assert_eq!(
         restarted.get_json("/admin/config").await["threshold"]
@@ -237,6 +237,7 @@ async fn operator_routes_need_the_token_or_loopback() {
     let build = |token: Option<&str>| {
         let mut args = semcache::config::ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
         args.model_dir = model_dir();
+        args.data_dir = crate::support::fresh_data_dir();
         args.admin_token = token.map(str::to_owned);
         semcache::app(&args, embedder()).unwrap().router
     };

@@ -190,11 +190,24 @@ pub fn embedder() -> Arc<dyn Embedder> {
     }))
 }
 
+/// A data directory of its own for each semcache a test starts.
+pub fn fresh_data_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "semcache-it-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 pub struct Semcache {
     pub addr: SocketAddr,
     pub settings: SharedSettings,
     pub http: reqwest::Client,
-    _shutdown: oneshot::Sender<()>,
+    shutdown: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 pub const KEY_A: &str = "sk-test-tenant-a-0123456789";
@@ -208,6 +221,7 @@ impl Semcache {
     pub async fn start_with(upstream: &TestUpstream, configure: impl FnOnce(&mut ServeArgs)) -> Self {
         let mut args = ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
         args.model_dir = model_dir();
+        args.data_dir = fresh_data_dir();
         configure(&mut args);
         args.validate().unwrap();
         let app = semcache::app(&args, embedder()).unwrap();
@@ -215,15 +229,22 @@ impl Semcache {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        tokio::spawn(semcache::run(app, listener, async {
+        let served = tokio::spawn(semcache::run(app, listener, async {
             let _ = stopped.await;
         }));
         Self {
             addr,
             settings,
             http: reqwest::Client::new(),
-            _shutdown: shutdown,
+            shutdown,
+            served,
         }
+    }
+
+    /// Shuts down gracefully and waits until the store is closed.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(());
+        self.served.await.unwrap().unwrap();
     }
 
     pub fn url(&self, path: &str) -> String {

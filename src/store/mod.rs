@@ -1,0 +1,242 @@
+//! Durable entries: an embedded redb database in the data directory.
+//!
+//! Writes go through one writer thread ([`Writer`]) that commits whatever has queued up in a
+//! single transaction (group commit), so many concurrent misses share one fsync. The on-disk
+//! format is versioned in the `meta` table; a database written by another version is refused.
+
+mod record;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+pub use record::Record;
+pub use writer::{Durability, Writer};
+
+/// Version of the on-disk format this build reads and writes.
+pub const FORMAT_VERSION: u64 = 1;
+const FILE_NAME: &str = "semcache.redb";
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+/// Hit counts and last-hit times, apart from the entries so that updating them rewrites 16
+/// bytes, not a whole record.
+const USAGE: TableDefinition<u64, (u64, u64)> = TableDefinition::new("usage");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the store at {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error(
+        "the store at {path} has format version {found}; this semcache reads version {FORMAT_VERSION}. \
+         Use the semcache release that wrote it, or move the data directory away to start empty"
+    )]
+    Version { path: PathBuf, found: u64 },
+    #[error("the store at {path} has entries but no format version; refusing to guess what wrote it")]
+    Unversioned { path: PathBuf },
+    #[error("store: {0}")]
+    Db(String),
+    #[error("store record {id} cannot be decoded: {message}")]
+    Decode { id: u64, message: String },
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+fn db_error(err: impl std::fmt::Display) -> Error {
+    Error::Db(err.to_string())
+}
+
+/// One change to the store.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Box<Record>),
+    Delete(u64),
+    /// Hit count and last-hit time (ms since the epoch) of an entry.
+    Touch {
+        id: u64,
+        hits: u64,
+        last_hit_ms: u64,
+    },
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`, checking its format version.
+    pub fn open(data_dir: &Path) -> Result<Self, Error> {
+        let path = data_dir.join(FILE_NAME);
+        let open_error = |message: String| Error::Open {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|err| open_error(err.to_string()))?;
+        let db = Database::create(&path).map_err(|err| open_error(err.to_string()))?;
+        let store = Self { db, path };
+        store.check_version()?;
+        Ok(store)
+    }
+
+    fn check_version(&self) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_error)?;
+            let entries = txn.open_table(ENTRIES).map_err(db_error)?;
+            txn.open_table(USAGE).map_err(db_error)?;
+            let found = meta.get("format_version").map_err(db_error)?.map(|v| v.value());
+            match found {
+                Some(FORMAT_VERSION) => {}
+                Some(found) => {
+                    return Err(Error::Version {
+                        path: self.path.clone(),
+                        found,
+                    })
+                }
+                None if entries.len().map_err(db_error)? > 0 => {
+                    return Err(Error::Unversioned {
+                        path: self.path.clone(),
+                    })
+                }
+                None => {
+                    meta.insert("format_version", FORMAT_VERSION).map_err(db_error)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads every record, calling `progress(done, total)` as it goes.
+    pub fn load(&self, mut progress: impl FnMut(usize, usize)) -> Result<Vec<Record>, Error> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let entries = txn.open_table(ENTRIES).map_err(db_error)?;
+        let usage = txn.open_table(USAGE).map_err(db_error)?;
+        let total = entries.len().map_err(db_error)? as usize;
+        let mut records = Vec::with_capacity(total);
+        for (done, row) in entries.iter().map_err(db_error)?.enumerate() {
+            let (id, bytes) = row.map_err(db_error)?;
+            let id = id.value();
+            let mut record =
+                Record::decode(bytes.value()).map_err(|message| Error::Decode { id, message })?;
+            if let Some(counts) = usage.get(id).map_err(db_error)? {
+                (record.hits, record.last_hit_ms) = counts.value();
+            }
+            records.push(record);
+            progress(done + 1, total);
+        }
+        Ok(records)
+    }
+
+    /// Applies changes in one transaction, durable (fsynced) when this returns.
+    pub fn apply(&self, ops: &[Op]) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(db_error)?;
+            let mut usage = txn.open_table(USAGE).map_err(db_error)?;
+            for op in ops {
+                match op {
+                    Op::Put(record) => {
+                        entries
+                            .insert(record.id, record.encode().as_slice())
+                            .map_err(db_error)?;
+                        usage
+                            .insert(record.id, (record.hits, record.last_hit_ms))
+                            .map_err(db_error)?;
+                    }
+                    Op::Delete(id) => {
+                        entries.remove(id).map_err(db_error)?;
+                        usage.remove(id).map_err(db_error)?;
+                    }
+                    Op::Touch {
+                        id,
+                        hits,
+                        last_hit_ms,
+                    } => {
+                        // A touch for an entry deleted in the meantime must not resurrect it.
+                        if entries.get(id).map_err(db_error)?.is_some() {
+                            usage.insert(id, (*hits, *last_hit_ms)).map_err(db_error)?;
+                        }
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// Number of records on disk.
+    pub fn len(&self) -> Result<usize, Error> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let entries = txn.open_table(ENTRIES).map_err(db_error)?;
+        Ok(entries.len().map_err(db_error)? as usize)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.len()? == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("semcache-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = temp_dir("reopen");
+        {
+            let store = Store::open(&dir).unwrap();
+            let ops = vec![
+                Op::Put(Box::new(Record::sample(1))),
+                Op::Put(Box::new(Record::sample(2))),
+                Op::Delete(1),
+                Op::Touch {
+                    id: 2,
+                    hits: 5,
+                    last_hit_ms: 77,
+                },
+                Op::Touch {
+                    id: 1,
+                    hits: 9,
+                    last_hit_ms: 9,
+                },
+            ];
+            store.apply(&ops).unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        let records = store.load(|_, _| {}).unwrap();
+        assert_eq!(records.len(), 1);
+        let mut expected = Record::sample(2);
+        expected.hits = 5;
+        expected.last_hit_ms = 77;
+        assert_eq!(records[0], expected);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn another_format_version_is_refused() {
+        let dir = temp_dir("version");
+        {
+            let store = Store::open(&dir).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("format_version", 99)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("format version 99"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
