@@ -4,13 +4,17 @@
 MODEL_DIR := models/all-MiniLM-L6-v2
 ARGS ?=
 
-.PHONY: run test lint bench model clean-model
+.PHONY: run test lint bench model clean-model browser-deps
 
 run: model
 	cargo run --release -- serve $(ARGS)
 
-test: model
+test: model browser-deps
 	cargo test --all-targets
+
+# Debian's Chromium and playwright-core, for the dashboard's browser test.
+browser-deps:
+	tests/browser/setup
 
 lint:
 	cargo fmt --check

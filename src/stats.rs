@@ -373,6 +373,23 @@ impl Stats {
         self.hits() + self.misses.load(Relaxed) + self.bypassed.load(Relaxed)
     }
 
+    /// The closed intervals, then the one still open, so that a fresh service shows traffic at
+    /// once.
+    fn history_with_current(&self) -> Vec<Interval> {
+        let requests = self.requests();
+        let hits = self.hits();
+        let history = self.history.lock();
+        let mut intervals: Vec<Interval> = history.intervals.iter().copied().collect();
+        intervals.push(Interval {
+            unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            requests: requests - history.last_requests,
+            hits: hits - history.last_hits,
+        });
+        intervals
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let exact_hits = self.exact_hits.load(Relaxed);
         let semantic_hits = self.semantic_hits.load(Relaxed);
@@ -410,7 +427,7 @@ impl Stats {
             near_miss_similarity: self.near_miss_similarity.counts(),
             by_model,
             by_tenant,
-            history: self.history.lock().intervals.iter().copied().collect(),
+            history: self.history_with_current(),
         }
     }
 }
@@ -470,7 +487,8 @@ mod tests {
         stats.record_bypass("m", TenantId::shared());
         stats.record_bypass("m", TenantId::shared());
         stats.tick();
+        stats.record_bypass("m", TenantId::shared());
         let requests: Vec<u64> = stats.snapshot().history.iter().map(|i| i.requests).collect();
-        assert_eq!(requests, vec![1, 2]);
+        assert_eq!(requests, vec![1, 2, 1], "closed intervals, then the open one");
     }
 }

@@ -77,7 +77,7 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 fn config_json(state: &AppState) -> Value {
     let settings = state.settings.load();
     json!({
-        "threshold": settings.threshold,
+        "threshold": super::rounded(settings.threshold),
         "scope": match state.scope {
             Scope::Tenant => "tenant",
             Scope::Shared => "shared",
@@ -216,6 +216,51 @@ pub async fn flush(State(state): State<AppState>, body: Bytes) -> Result<Json<Va
         "cache flushed through the admin API"
     );
     Ok(Json(json!({"removed": removed})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateRequest {
+    prompt: String,
+    /// Defaults to the live threshold.
+    min_similarity: Option<f32>,
+    /// Only this client key's entries; every tenant's without it.
+    api_key: Option<String>,
+}
+
+/// Removes every entry whose prompt is at least `min_similarity` similar to `prompt`: for
+/// when the facts behind a family of answers change.
+pub async fn invalidate(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: InvalidateRequest = parse_body(&body)?;
+    let min_similarity = request
+        .min_similarity
+        .unwrap_or_else(|| state.settings.load().threshold);
+    if !(0.0..=1.0).contains(&min_similarity) {
+        return Err(ApiError::InvalidRequest(Invalid {
+            message: format!("'min_similarity' must be within [0, 1], got {min_similarity}."),
+            param: Some("min_similarity".to_owned()),
+        }));
+    }
+    if request.prompt.trim().is_empty() {
+        return Err(ApiError::InvalidRequest(Invalid {
+            message: "'prompt' must not be empty.".to_owned(),
+            param: Some("prompt".to_owned()),
+        }));
+    }
+    let tenant = request.api_key.as_deref().map(TenantId::from_api_key);
+    let removed = state
+        .cache
+        .invalidate(&request.prompt, min_similarity, tenant)
+        .await?;
+    tracing::info!(
+        removed,
+        min_similarity,
+        one_tenant = tenant.is_some(),
+        "entries invalidated"
+    );
+    Ok(Json(
+        json!({"removed": removed, "min_similarity": min_similarity}),
+    ))
 }
 
 /// Seconds since the epoch as an RFC 3339 UTC time, without a date-time crate.

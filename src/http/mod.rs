@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/entries", get(admin::list_entries))
         .route("/admin/entries/{id}", delete(admin::delete_entry))
         .route("/admin/flush", post(admin::flush))
+        .route("/admin/invalidate", post(admin::invalidate))
         .route("/stats", get(stats::stats))
         .route("/metrics", get(stats::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin::guard));
@@ -54,6 +55,11 @@ pub fn router(state: AppState) -> Router {
         .merge(operator)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// A threshold as operators typed it: `0.9`, not the f32's `0.8999999761581543`.
+fn rounded(threshold: f32) -> f64 {
+    (f64::from(threshold) * 1e6).round() / 1e6
 }
 
 /// The service answers only once the model is loaded, so being up means being ready.

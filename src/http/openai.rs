@@ -254,11 +254,12 @@ impl Miss {
         let response_headers = response.headers().clone();
         let body = response.bytes().await.map_err(crate::upstream::Error::from)?;
         let latency = started.elapsed();
+        let mut stored = None;
         if status.is_success() {
             match serde_json::from_slice::<Value>(&body) {
                 Ok(completion) => {
                     if let Some(answer) = storable(&completion, &self.model, latency) {
-                        self.store(answer).await;
+                        stored = Some(self.store(answer).await);
                     }
                 }
                 Err(err) => {
@@ -266,12 +267,14 @@ impl Miss {
                 }
             }
         }
-        Ok(passthrough_response(
-            status,
-            &response_headers,
-            Body::from(body),
-            Outcome::Miss,
-        ))
+        let mut response = passthrough_response(status, &response_headers, Body::from(body), Outcome::Miss);
+        if let Some(entry_id) = stored {
+            // The new entry's id, so that feedback can name the answer this client got.
+            response
+                .headers_mut()
+                .insert(X_ENTRY, HeaderValue::from(entry_id));
+        }
+        Ok(response)
     }
 
     async fn stream(self, headers: &HeaderMap, request: &ChatRequest) -> Result<Response, ApiError> {
@@ -360,8 +363,8 @@ impl Miss {
     }
 
     /// Stores the answer, wakes coalesced waiters, and lets the index graph catch up in the
-    /// background.
-    async fn store(self, answer: Answer) {
+    /// background. Returns the new entry's id.
+    async fn store(self, answer: Answer) -> u64 {
         let Miss {
             state,
             key,
@@ -384,11 +387,13 @@ impl Miss {
             None => None,
         };
         let entry = state.cache.insert(&key, embedding, answer, ttl).await;
+        let entry_id = entry.id;
         if let Some(flight) = flight {
             flight.complete(entry);
         }
         let cache = Arc::clone(&state.cache);
         tokio::task::spawn_blocking(move || cache.catch_up(&key));
+        entry_id
     }
 }
 

@@ -60,7 +60,8 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "unpriced_models": s.unpriced_models(),
         "latency_saved_ms": s.latency_saved_ms,
         "entries": state.cache.len(),
-        "threshold": state.settings.load().threshold,
+        "indexed": state.cache.indexed(),
+        "threshold": super::rounded(state.settings.load().threshold),
         "similarity": {
             "edges": edges(),
             "hits": s.hit_similarity,

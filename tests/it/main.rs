@@ -1,6 +1,9 @@
 //! Integration tests: one binary, so the crate and the model load once.
 
 mod admin;
+mod crash;
+mod dashboard;
 mod embedding;
 mod proxy;
+mod store;
 mod support;

@@ -1,0 +1,184 @@
+//! The durable store through the HTTP API: restart, expiry, eviction, invalidation.
+
+use semcache::cache::Eviction;
+use serde_json::json;
+
+use crate::support::{chat_body, fresh_data_dir, Semcache, TestUpstream, KEY_A, KEY_B};
+
+#[tokio::test]
+async fn entries_survive_a_restart_with_the_same_answers() {
+    let upstream = TestUpstream::start().await;
+    let data_dir = fresh_data_dir();
+    let start = || Semcache::start_with(&upstream, |args| args.data_dir = data_dir.clone());
+    let prompts = [
+        "How do I reset my password?",
+        "What is the capital of Australia?",
+        "Tell me a fact about octopuses.",
+    ];
+
+    let semcache = start().await;
+    let mut answers = Vec::new();
+    for prompt in prompts {
+        let reply = semcache.chat(&chat_body(prompt)).await;
+        assert_eq!(reply.cache(), "miss");
+        answers.push(reply.content());
+    }
+    semcache.stop().await;
+
+    let restarted = start().await;
+    for (prompt, answer) in prompts.iter().zip(&answers) {
+        let reply = restarted.chat(&chat_body(prompt)).await;
+        assert_eq!((reply.cache(), &reply.content()), ("hit", answer), "{prompt}");
+    }
+    let paraphrase = restarted.chat(&chat_body("How can I reset my password?")).await;
+    assert_eq!(
+        (paraphrase.cache(), paraphrase.content()),
+        ("hit", answers[0].clone())
+    );
+    assert_eq!(upstream.chat_calls(), 3);
+    restarted.stop().await;
+    std::fs::remove_dir_all(&data_dir).unwrap();
+}
+
+#[tokio::test]
+async fn max_age_sets_the_lifetime_and_bounds_what_is_served() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start(&upstream).await;
+
+    let short = chat_body("What is today's exchange rate?");
+    semcache
+        .chat_as(KEY_A, &short, &[("cache-control", "max-age=0")])
+        .await;
+    assert_eq!(
+        semcache.chat(&short).await.cache(),
+        "miss",
+        "an entry that lived 0 s is never served"
+    );
+
+    let long = chat_body("What are your opening hours?");
+    semcache
+        .chat_as(KEY_A, &long, &[("cache-control", "max-age=3600")])
+        .await;
+    assert_eq!(semcache.chat(&long).await.cache(), "hit");
+    let fresh_only = semcache
+        .chat_as(KEY_A, &long, &[("cache-control", "max-age=0")])
+        .await;
+    assert_eq!(
+        fresh_only.cache(),
+        "miss",
+        "a request that accepts nothing older gets a fresh answer"
+    );
+
+    let bad = semcache
+        .chat_as(KEY_A, &long, &[("cache-control", "max-age=soon")])
+        .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(upstream.chat_calls(), 4);
+}
+
+async fn eviction_leaves(policy: Eviction, use_pattern: &[&str]) -> Vec<String> {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with(&upstream, |args| {
+        args.max_entries = 3;
+        args.eviction = policy;
+    })
+    .await;
+    for prompt in ["alpha question", "bravo question", "charlie question"] {
+        semcache.chat(&chat_body(prompt)).await;
+    }
+    for prompt in use_pattern {
+        assert_eq!(semcache.chat(&chat_body(prompt)).await.cache(), "hit");
+    }
+    semcache.chat(&chat_body("delta question")).await;
+    let entries = semcache
+        .http
+        .get(semcache.url("/admin/entries?limit=10"))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let mut prompts: Vec<String> = entries["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["prompt"].as_str().unwrap().to_owned())
+        .collect();
+    prompts.sort();
+    prompts
+}
+
+#[tokio::test]
+async fn lru_evicts_the_least_recently_used_entry() {
+    // Bravo was stored before charlie, and alpha was used since: bravo is the least recent.
+    let kept = eviction_leaves(Eviction::Lru, &["alpha question"]).await;
+    assert_eq!(kept, ["alpha question", "charlie question", "delta question"]);
+}
+
+#[tokio::test]
+async fn lfu_evicts_the_least_frequently_used_entry() {
+    // Alpha is used most, bravo and charlie once each; charlie was used last, so bravo goes.
+    let pattern = [
+        "alpha question",
+        "alpha question",
+        "bravo question",
+        "charlie question",
+    ];
+    let kept = eviction_leaves(Eviction::Lfu, &pattern).await;
+    assert_eq!(kept, ["alpha question", "charlie question", "delta question"]);
+}
+
+#[tokio::test]
+async fn invalidation_purges_similar_answers_for_one_tenant_or_all() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start(&upstream).await;
+    for key in [KEY_A, KEY_B] {
+        semcache
+            .chat_as(key, &chat_body("How much does the premium plan cost?"), &[])
+            .await;
+        // Close enough to the first to hit it; no-cache makes it an entry of its own.
+        let monthly = chat_body("What does the premium plan cost per month?");
+        semcache
+            .chat_as(key, &monthly, &[("cache-control", "no-cache")])
+            .await;
+        semcache
+            .chat_as(key, &chat_body("How do I reset my password?"), &[])
+            .await;
+    }
+    let invalidate = |body: serde_json::Value| {
+        let request = semcache.http.post(semcache.url("/admin/invalidate")).json(&body);
+        async move { crate::support::Reply::from(request.send().await.unwrap()).await }
+    };
+
+    let one_tenant =
+        invalidate(json!({"prompt": "price of the premium plan", "min_similarity": 0.7, "api_key": KEY_A}))
+            .await;
+    assert_eq!(one_tenant.status, 200);
+    assert_eq!(one_tenant.json()["removed"], 2);
+    let premium = chat_body("How much does the premium plan cost?");
+    assert_eq!(semcache.chat_as(KEY_A, &premium, &[]).await.cache(), "miss");
+    assert_eq!(semcache.chat_as(KEY_B, &premium, &[]).await.cache(), "hit");
+    let password = chat_body("How do I reset my password?");
+    assert_eq!(
+        semcache.chat_as(KEY_A, &password, &[]).await.cache(),
+        "hit",
+        "unrelated entries stay"
+    );
+
+    let everyone = invalidate(json!({"prompt": "price of the premium plan", "min_similarity": 0.7})).await;
+    assert_eq!(
+        everyone.json()["removed"],
+        3,
+        "tenant A's fresh entry and tenant B's two"
+    );
+    assert_eq!(semcache.chat_as(KEY_B, &premium, &[]).await.cache(), "miss");
+
+    for bad in [
+        json!({"prompt": "x", "min_similarity": 2}),
+        json!({"prompt": ""}),
+        json!({"min_similarity": 0.5}),
+    ] {
+        assert_eq!(invalidate(bad.clone()).await.status, 400, "{bad}");
+    }
+}
