@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
@@ -30,7 +32,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         upstream = %args.upstream,
-        threshold = args.threshold,
+        threshold = %args.threshold,
         scope = ?args.scope,
         "semcache is serving"
     );
