@@ -22,6 +22,15 @@ const CAPACITY: usize = 5_000;
 const REQUESTS: usize = 600_000;
 const SHIFT_EVERY: usize = 100_000;
 
+/// `cargo test --all-targets` runs this without `--bench`: a small smoke run then.
+fn scale() -> usize {
+    if std::env::args().any(|arg| arg == "--bench") {
+        1
+    } else {
+        100
+    }
+}
+
 struct NoModel;
 
 impl Embedder for NoModel {
@@ -71,6 +80,7 @@ fn hit_rate(policy: Eviction, shifting: bool) -> f64 {
     let criteria = Criteria {
         threshold: 1.0,
         max_age: None,
+        verify: false,
     };
     let answer = Answer {
         completion: Bytes::from_static(b"{}"),
@@ -79,10 +89,15 @@ fn hit_rate(policy: Eviction, shifting: bool) -> f64 {
         upstream_latency: Duration::from_millis(500),
     };
     let mut hits = 0;
-    for request in 0..REQUESTS {
+    let requests = REQUESTS / scale();
+    for request in 0..requests {
         let rank = zipf.sample(&mut rng);
         // A shift relabels which prompts are popular.
-        let epoch = if shifting { request / SHIFT_EVERY } else { 0 };
+        let epoch = if shifting {
+            request / (SHIFT_EVERY / scale())
+        } else {
+            0
+        };
         let prompt = format!("prompt {}", (rank + epoch * 7919) % DISTINCT);
         let key = RequestKey::new(TenantId::shared(), fingerprint, prompt);
         if cache.lookup_exact(&key, &criteria).is_some() {
@@ -91,7 +106,7 @@ fn hit_rate(policy: Eviction, shifting: bool) -> f64 {
             runtime.block_on(cache.insert(&key, None, answer.clone(), None));
         }
     }
-    hits as f64 / REQUESTS as f64
+    hits as f64 / requests as f64
 }
 
 fn resident_mib() -> f64 {
@@ -163,7 +178,7 @@ fn memory_under_churn() {
 }
 
 fn main() {
-    if std::env::args().any(|arg| arg == "memory") {
+    if std::env::args().any(|arg| arg == "memory") && scale() == 1 {
         memory_under_churn();
         return;
     }
@@ -179,5 +194,8 @@ fn main() {
             hit_rate(Eviction::Lfu, shifting) * 100.0
         );
     }
-    println!("({REQUESTS} requests, {DISTINCT} distinct prompts, {CAPACITY} entries, sampled eviction)");
+    println!(
+        "({} requests, {DISTINCT} distinct prompts, {CAPACITY} entries, sampled eviction)",
+        REQUESTS / scale()
+    );
 }

@@ -75,6 +75,8 @@ fn fill(store: &Store, n: usize, rng: &mut StdRng) {
                     expires_ms: None,
                     hits: 0,
                     last_hit_ms: 0,
+                    own_threshold: 0.0,
+                    wrong_reports: 0,
                 }))
             })
             .collect();
@@ -135,10 +137,12 @@ fn main() {
         .skip(1)
         .filter_map(|arg| arg.parse().ok())
         .collect();
-    let sizes = if sizes.is_empty() {
-        vec![10_000, 100_000]
-    } else {
-        sizes
+    // `cargo test --all-targets` runs this without `--bench`: a small smoke run then.
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let sizes = match (sizes.is_empty(), benchmarking) {
+        (false, _) => sizes,
+        (true, true) => vec![10_000, 100_000],
+        (true, false) => vec![300],
     };
     println!("| entries | open until answering | HNSW graphs built | disk per entry | RSS per entry after load | RSS per entry with graphs, minus ~1 KB answer |");
     println!("|---|---|---|---|---|---|");

@@ -59,6 +59,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_THRESHOLD", default_value_t = 0.82)]
     pub threshold: f32,
 
+    /// Check semantic hits with the hit verifier (negation, numbers, dates, names, quantifiers).
+    #[arg(long, env = "SEMCACHE_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify: bool,
+
     /// Folder for the cache's durable data.
     #[arg(long, env = "SEMCACHE_DATA_DIR", default_value = "./semcache-data")]
     pub data_dir: PathBuf,

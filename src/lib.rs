@@ -27,6 +27,7 @@ pub mod settings;
 pub mod stats;
 pub mod store;
 pub mod upstream;
+pub mod verify;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -77,6 +78,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         }
         None => Settings {
             threshold: args.threshold,
+            verify: args.verify,
         },
     };
     let prices = match &args.prices {

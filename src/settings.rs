@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     /// Cosine similarity at or above which a cached answer is served.
     pub threshold: f32,
+    /// Whether semantic hits must pass the hit verifier.
+    pub verify: bool,
 }
 
 pub type SharedSettings = Arc<ArcSwap<Settings>>;
@@ -27,6 +29,12 @@ pub fn shared(settings: Settings) -> SharedSettings {
 struct SettingsFile {
     version: u32,
     threshold: f32,
+    #[serde(default = "default_verify")]
+    verify: bool,
+}
+
+fn default_verify() -> bool {
+    true
 }
 
 const FILE_VERSION: u32 = 1;
@@ -85,6 +93,7 @@ impl SettingsStore {
         }
         Ok(Some(Settings {
             threshold: file.threshold,
+            verify: file.verify,
         }))
     }
 
@@ -99,6 +108,7 @@ impl SettingsStore {
         let bytes = serde_json::to_vec_pretty(&SettingsFile {
             version: FILE_VERSION,
             threshold: settings.threshold,
+            verify: settings.verify,
         })
         .expect("settings serialise");
         let temp = self.path.with_extension("json.tmp");
@@ -123,8 +133,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("semcache-settings-{}", std::process::id()));
         let store = SettingsStore::new(&dir);
         assert_eq!(store.load().unwrap(), None);
-        store.save(&Settings { threshold: 0.9 }).unwrap();
-        assert_eq!(store.load().unwrap(), Some(Settings { threshold: 0.9 }));
+        store
+            .save(&Settings {
+                threshold: 0.9,
+                verify: false,
+            })
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap(),
+            Some(Settings {
+                threshold: 0.9,
+                verify: false
+            })
+        );
         std::fs::write(dir.join(FILE_NAME), r#"{"version": 99, "threshold": 0.9}"#).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("version 99"), "{err}");

@@ -14,6 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 
 use crate::cache::{HitKind, TenantId, Usage};
+use crate::verify::Reason;
 
 /// Number of equal-width similarity buckets between 0 and 1.
 pub const BUCKETS: usize = 20;
@@ -187,6 +188,10 @@ pub struct Stats {
     latency_saved_micros: AtomicU64,
     pub hit_similarity: Histogram,
     pub near_miss_similarity: Histogram,
+    /// Candidates above the threshold refused by the verifier, by reason (`Reason::ALL` order).
+    refusals: [AtomicU64; 5],
+    feedback_correct: AtomicU64,
+    feedback_wrong: AtomicU64,
     by_model: RwLock<HashMap<String, Arc<Breakdown>>>,
     by_tenant: RwLock<HashMap<TenantId, Arc<Breakdown>>>,
     history: Mutex<History>,
@@ -218,6 +223,9 @@ pub struct Snapshot {
     pub latency_saved_ms: f64,
     pub hit_similarity: [u64; BUCKETS],
     pub near_miss_similarity: [u64; BUCKETS],
+    pub refusals: Vec<(Reason, u64)>,
+    pub feedback_correct: u64,
+    pub feedback_wrong: u64,
     pub by_model: Vec<(String, BreakdownSnapshot, bool)>,
     pub by_tenant: Vec<(TenantId, BreakdownSnapshot)>,
     pub history: Vec<Interval>,
@@ -315,12 +323,28 @@ impl Stats {
     }
 
     /// A request that went to the upstream after a lookup; `nearest` is the best candidate
-    /// that fell short of the threshold.
-    pub fn record_miss(&self, model: &str, tenant: TenantId, nearest: Option<f32>) {
+    /// not served (below the threshold, or refused by the verifier for `refused`).
+    pub fn record_miss(&self, model: &str, tenant: TenantId, nearest: Option<f32>, refused: Option<Reason>) {
         self.count_request(model, tenant);
         self.misses.fetch_add(1, Relaxed);
         if let Some(similarity) = nearest {
             self.near_miss_similarity.observe(similarity);
+        }
+        if let Some(reason) = refused {
+            let slot = Reason::ALL
+                .iter()
+                .position(|r| *r == reason)
+                .expect("every reason is listed");
+            self.refusals[slot].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A feedback report from an application on an answer it was served.
+    pub fn record_feedback(&self, correct: bool) {
+        if correct {
+            self.feedback_correct.fetch_add(1, Relaxed);
+        } else {
+            self.feedback_wrong.fetch_add(1, Relaxed);
         }
     }
 
@@ -425,6 +449,13 @@ impl Stats {
             latency_saved_ms: self.latency_saved_micros.load(Relaxed) as f64 / 1000.0,
             hit_similarity: self.hit_similarity.counts(),
             near_miss_similarity: self.near_miss_similarity.counts(),
+            refusals: Reason::ALL
+                .iter()
+                .zip(&self.refusals)
+                .map(|(reason, count)| (*reason, count.load(Relaxed)))
+                .collect(),
+            feedback_correct: self.feedback_correct.load(Relaxed),
+            feedback_wrong: self.feedback_wrong.load(Relaxed),
             by_model,
             by_tenant,
             history: self.history_with_current(),
@@ -466,7 +497,7 @@ mod tests {
             Duration::from_millis(900),
         );
         stats.record_hit("local", tenant, HitKind::Semantic, 0.9, usage, Duration::ZERO);
-        stats.record_miss("gpt-4o-mini", tenant, Some(0.5));
+        stats.record_miss("gpt-4o-mini", tenant, Some(0.5), Some(Reason::Number));
         stats.record_bypass("gpt-4o-mini", tenant);
         let s = stats.snapshot();
         assert_eq!((s.requests, s.hits, s.misses, s.bypassed), (4, 2, 1, 1));
@@ -476,13 +507,14 @@ mod tests {
         assert_eq!(s.hit_similarity[BUCKETS - 1], 1);
         assert_eq!(s.hit_similarity[18], 1);
         assert_eq!(s.near_miss_similarity[10], 1);
+        assert!(s.refusals.contains(&(Reason::Number, 1)));
         assert_eq!(s.latency_saved_ms, 900.0);
     }
 
     #[test]
     fn history_records_per_interval_counts() {
         let stats = Stats::default();
-        stats.record_miss("m", TenantId::shared(), None);
+        stats.record_miss("m", TenantId::shared(), None, None);
         stats.tick();
         stats.record_bypass("m", TenantId::shared());
         stats.record_bypass("m", TenantId::shared());

@@ -6,7 +6,7 @@ mod flight;
 mod key;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,12 +20,16 @@ pub use key::{partition_of, Digest32, ExactKey, Fingerprint, RequestKey, TenantI
 use crate::embed::{self, Embedder};
 use crate::index::Index;
 use crate::store::{self, Op, Record, Writer};
+use crate::verify::{self, Rejection};
 
 /// Entries sampled to choose an eviction victim (as Redis does): close to exact LRU or LFU at a
 /// constant cost per eviction.
 const EVICTION_SAMPLES: usize = 16;
-/// Expired candidates skipped before a semantic lookup gives up.
-const MAX_EXPIRED_SKIPS: usize = 8;
+/// Candidates above the threshold considered by a semantic lookup, most similar first: an
+/// expired or refused one gives way to the next.
+const CANDIDATES: usize = 4;
+/// Wrong-answer reports after which an entry is evicted.
+const WRONG_REPORTS_TO_EVICT: u64 = 3;
 
 /// Which entry goes when the cache is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,6 +93,12 @@ pub struct Entry {
     recency: AtomicU64,
     /// Hit count last written to the store, to know which entries need their usage saved.
     saved_hits: AtomicU64,
+    /// The entry's own threshold (f32 bits), raised by wrong-answer reports; 0 means none.
+    own_threshold: AtomicU32,
+    /// Wrong-answer reports received.
+    pub wrong_reports: AtomicU64,
+    /// Similarity at which the entry was last served (f32 bits).
+    last_similarity: AtomicU32,
 }
 
 impl Entry {
@@ -99,6 +109,11 @@ impl Entry {
     /// Whether the entry is older than `max_age`.
     pub fn is_older_than(&self, max_age: Duration, now: SystemTime) -> bool {
         now.duration_since(self.created).unwrap_or_default() > max_age
+    }
+
+    /// The entry's own threshold, raised by feedback; 0 when it has none.
+    pub fn own_threshold(&self) -> f32 {
+        f32::from_bits(self.own_threshold.load(Ordering::Relaxed))
     }
 
     fn touch(&self, clock: &AtomicU64) {
@@ -147,8 +162,10 @@ pub struct Hit {
 pub struct Miss {
     /// The prompt's embedding, kept so that storing the answer need not compute it again.
     pub embedding: Option<Vec<f32>>,
-    /// Similarity of the best candidate that fell short of the threshold.
+    /// Similarity of the best candidate that was not served: below the threshold, or refused.
     pub nearest: Option<f32>,
+    /// Why the best candidate above the threshold was refused by the verifier, if it was.
+    pub refused: Option<Rejection>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +180,8 @@ pub struct Criteria {
     pub threshold: f32,
     /// Entries older than this are not served (`Cache-Control: max-age` on the request).
     pub max_age: Option<Duration>,
+    /// Whether semantic candidates must pass the hit verifier.
+    pub verify: bool,
 }
 
 /// The in-memory layers, under one lock so they always agree.
@@ -271,6 +290,9 @@ impl Cache {
                 last_used_ms: AtomicU64::new(record.last_hit_ms.max(record.created_ms)),
                 recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
                 saved_hits: AtomicU64::new(record.hits),
+                own_threshold: AtomicU32::new(record.own_threshold.to_bits()),
+                wrong_reports: AtomicU64::new(record.wrong_reports),
+                last_similarity: AtomicU32::new(0),
                 prompt: key.prompt,
             });
             if entry.is_expired(now) {
@@ -354,35 +376,74 @@ impl Cache {
         Ok(self.lookup_embedded(key, embedding, criteria))
     }
 
-    /// The semantic layer, for a prompt already embedded.
+    /// The semantic layer, for a prompt already embedded. Candidates above the threshold (and
+    /// above their own, feedback-raised threshold) are tried most similar first; the first that
+    /// is servable and passes the verifier is the hit.
     pub fn lookup_embedded(&self, key: &RequestKey, embedding: Vec<f32>, criteria: &Criteria) -> Lookup {
         let partition = key.partition();
-        let mut nearest = None;
-        for _ in 0..MAX_EXPIRED_SKIPS {
-            nearest = self.index.nearest(&partition, &embedding);
-            let Some(candidate) = nearest.filter(|n| n.similarity >= criteria.threshold) else {
-                break;
-            };
-            match self.servable(candidate.entry_id, criteria) {
-                Ok(entry) => {
-                    entry.touch(&self.clock);
-                    return Lookup::Hit(Hit {
-                        entry,
-                        similarity: candidate.similarity.min(1.0),
-                        kind: HitKind::Semantic,
-                    });
-                }
-                // Removed, so the next search finds the next candidate.
+        let candidates = self.index.top(&partition, &embedding, CANDIDATES);
+        let mut refused: Option<(Rejection, f32)> = None;
+        let mut best_unserved = candidates.first().map(|c| c.similarity);
+        for candidate in candidates.iter().filter(|c| c.similarity >= criteria.threshold) {
+            let entry = match self.servable(candidate.entry_id, criteria) {
+                Ok(entry) => entry,
                 Err(Unservable::Expired | Unservable::Gone) => {
                     self.index.remove(&partition, candidate.entry_id);
+                    continue;
                 }
-                Err(Unservable::TooOld) => break,
+                Err(Unservable::TooOld) => continue,
+            };
+            if candidate.similarity < entry.own_threshold() {
+                continue;
             }
+            if criteria.verify {
+                if let Err(rejection) = verify::verify(&entry.prompt, &key.prompt) {
+                    tracing::debug!(entry = entry.id, reason = rejection.reason.as_str(), detail = %rejection.detail, "candidate refused");
+                    refused.get_or_insert((rejection, candidate.similarity));
+                    continue;
+                }
+            }
+            entry.touch(&self.clock);
+            let similarity = candidate.similarity.min(1.0);
+            entry
+                .last_similarity
+                .store(similarity.to_bits(), Ordering::Relaxed);
+            return Lookup::Hit(Hit {
+                entry,
+                similarity,
+                kind: HitKind::Semantic,
+            });
+        }
+        if let Some((_, similarity)) = &refused {
+            best_unserved = Some(*similarity);
         }
         Lookup::Miss(Miss {
             embedding: Some(embedding),
-            nearest: nearest.map(|n| n.similarity),
+            nearest: best_unserved,
+            refused: refused.map(|(rejection, _)| rejection),
         })
+    }
+
+    /// Feedback from the application on an answer it was served. A wrong answer raises the
+    /// entry's own threshold just above the similarity at which it was served (an exact hit
+    /// being wrong means the answer itself is), and repeated reports evict it.
+    pub fn report(&self, entry_id: u64, correct: bool, similarity: Option<f32>) -> Option<Feedback> {
+        let entry = self.get(entry_id)?;
+        if correct {
+            return Some(Feedback::Noted);
+        }
+        let reports = entry.wrong_reports.fetch_add(1, Ordering::Relaxed) + 1;
+        let served_at =
+            similarity.unwrap_or_else(|| f32::from_bits(entry.last_similarity.load(Ordering::Relaxed)));
+        if reports >= WRONG_REPORTS_TO_EVICT || served_at >= 0.9999 {
+            self.remove(entry_id);
+            return Some(Feedback::Evicted);
+        }
+        let raised = (served_at + 0.005).min(1.0).max(entry.own_threshold());
+        entry.own_threshold.store(raised.to_bits(), Ordering::Relaxed);
+        // Saved with the hit counts at the next upkeep.
+        entry.saved_hits.store(u64::MAX, Ordering::Relaxed);
+        Some(Feedback::Raised(raised))
     }
 
     /// Stores an answer: on disk first (awaited in strict durability), then in memory, where it
@@ -409,6 +470,9 @@ impl Cache {
             last_used_ms: AtomicU64::new(unix_ms(now)),
             recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
             saved_hits: AtomicU64::new(0),
+            own_threshold: AtomicU32::new(0),
+            wrong_reports: AtomicU64::new(0),
+            last_similarity: AtomicU32::new(0),
         });
         if let Some(writer) = &self.writer {
             let record = Box::new(record_of(&entry, embedding.clone()));
@@ -564,8 +628,12 @@ impl Cache {
                     let hits = entry.hits.load(Ordering::Relaxed);
                     (entry.saved_hits.swap(hits, Ordering::Relaxed) != hits).then(|| Op::Touch {
                         id: entry.id,
-                        hits,
-                        last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
+                        usage: store::Usage {
+                            hits,
+                            last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
+                            own_threshold: entry.own_threshold(),
+                            wrong_reports: entry.wrong_reports.load(Ordering::Relaxed),
+                        },
                     })
                 })
                 .collect();
@@ -608,6 +676,17 @@ impl Cache {
     }
 }
 
+/// What a feedback report did to its entry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Feedback {
+    /// A correct report: counted, nothing changes.
+    Noted,
+    /// The entry now needs at least this similarity.
+    Raised(f32),
+    /// Wrong once too often, or wrong on an exact match: the entry is gone.
+    Evicted,
+}
+
 enum Unservable {
     Gone,
     Expired,
@@ -630,6 +709,8 @@ fn record_of(entry: &Entry, embedding: Option<Vec<f32>>) -> Record {
         expires_ms: entry.expires.map(unix_ms),
         hits: entry.hits.load(Ordering::Relaxed),
         last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
+        own_threshold: entry.own_threshold(),
+        wrong_reports: entry.wrong_reports.load(Ordering::Relaxed),
     }
 }
 
@@ -678,6 +759,7 @@ mod tests {
     const ANY: Criteria = Criteria {
         threshold: 0.5,
         max_age: None,
+        verify: true,
     };
 
     async fn fill(cache: &Cache, prompts: &[&str]) {
@@ -715,6 +797,7 @@ mod tests {
         let strict = Criteria {
             threshold: 0.5,
             max_age: Some(Duration::from_millis(10)),
+            verify: true,
         };
         assert!(cache.lookup_exact(&key("apple"), &strict).is_none());
         assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());

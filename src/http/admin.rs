@@ -78,6 +78,7 @@ fn config_json(state: &AppState) -> Value {
     let settings = state.settings.load();
     json!({
         "threshold": super::rounded(settings.threshold),
+        "verify": settings.verify,
         "scope": match state.scope {
             Scope::Tenant => "tenant",
             Scope::Shared => "shared",
@@ -95,6 +96,7 @@ pub async fn get_config(State(state): State<AppState>) -> Json<Value> {
 #[serde(deny_unknown_fields)]
 struct ConfigPatch {
     threshold: Option<f32>,
+    verify: Option<bool>,
 }
 
 pub async fn patch_config(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -108,6 +110,9 @@ pub async fn patch_config(State(state): State<AppState>, body: Bytes) -> Result<
             }));
         }
         settings.threshold = threshold;
+    }
+    if let Some(verify) = patch.verify {
+        settings.verify = verify;
     }
     // Saved first: a change that cannot be kept is not applied.
     state.settings_store.save(&settings)?;

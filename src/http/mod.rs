@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/dashboard", get(dashboard))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/semcache/feedback", post(openai::feedback))
         .route("/v1/{*rest}", any(openai::forward))
         .merge(operator)
         .layer(TraceLayer::new_for_http())

@@ -17,10 +17,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::{error_body, ApiError};
 use super::AppState;
-use crate::cache::{Answer, Criteria, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage};
+use crate::cache::{
+    Answer, Criteria, Feedback, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage,
+};
 use crate::config::Scope;
 use crate::openai::sse::{self, Assembler, Parser};
 use crate::openai::ChatRequest;
+use crate::settings::Settings;
 use crate::upstream::FORWARDED_RESPONSE_HEADERS;
 
 const X_SEMCACHE: HeaderName = HeaderName::from_static("x-semcache");
@@ -56,15 +59,18 @@ struct Controls {
     threshold: f32,
     /// `Cache-Control: max-age=N`: serve nothing older, and keep the new answer that long.
     max_age: Option<Duration>,
+    verify: bool,
 }
 
 impl Controls {
-    fn from_headers(headers: &HeaderMap, configured_threshold: f32) -> Result<Self, ApiError> {
+    fn from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Self, ApiError> {
+        let configured_threshold = settings.threshold;
         let mut controls = Controls {
             skip_lookup: false,
             skip_store: false,
             threshold: configured_threshold,
             max_age: None,
+            verify: settings.verify,
         };
         for value in headers.get_all(CACHE_CONTROL) {
             let value = value.to_str().map_err(|_| ApiError::BadHeader {
@@ -121,6 +127,7 @@ impl Controls {
         Criteria {
             threshold: self.threshold,
             max_age: self.max_age,
+            verify: self.verify,
         }
     }
 }
@@ -152,11 +159,15 @@ pub async fn chat_completions(
 
     let mut embedding = None;
     let mut nearest = None;
+    let mut refused = None;
     let mut flight = None;
     if !controls.skip_lookup {
         match state.cache.lookup(&key, &controls.criteria()).await {
             Ok(Lookup::Hit(hit)) => return Ok(serve_hit(&state, &request, &hit, started)),
-            Ok(Lookup::Miss(miss)) => (embedding, nearest) = (miss.embedding, miss.nearest),
+            Ok(Lookup::Miss(miss)) => {
+                (embedding, nearest) = (miss.embedding, miss.nearest);
+                refused = miss.refused.map(|rejection| rejection.reason);
+            }
             Err(err) => {
                 // The cache failing must not fail the call: act as a plain proxy.
                 tracing::error!(error = %err, "lookup failed; forwarding without the cache");
@@ -187,7 +198,7 @@ pub async fn chat_completions(
         }
     }
 
-    state.stats.record_miss(&request.model, tenant, nearest);
+    state.stats.record_miss(&request.model, tenant, nearest, refused);
     let miss = Miss {
         state: state.clone(),
         key,
@@ -211,7 +222,7 @@ async fn prepare(
 ) -> Result<(Bytes, ChatRequest, Controls), ApiError> {
     let bytes = read_body(body, state.max_body_bytes).await?;
     let request = ChatRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
-    let controls = Controls::from_headers(headers, state.settings.load().threshold)?;
+    let controls = Controls::from_headers(headers, &state.settings.load())?;
     Ok((bytes, request, controls))
 }
 
@@ -516,6 +527,58 @@ fn passthrough_response(
     }
     headers.insert(X_SEMCACHE, outcome.header());
     response
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackRequest {
+    entry_id: u64,
+    correct: bool,
+    /// The `x-semcache-similarity` the answer was served with; the last one when absent.
+    similarity: Option<f32>,
+}
+
+/// `POST /v1/semcache/feedback`: the application says whether an answer it was served was
+/// right. Only the tenant that was served the entry can report on it.
+pub async fn feedback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.max_body_bytes).await?;
+    let request: FeedbackRequest = serde_json::from_slice(&bytes).map_err(|err| {
+        ApiError::InvalidRequest(crate::openai::Invalid {
+            message: format!("Invalid feedback: {err}. Expected {{\"entry_id\": 42, \"correct\": false}}."),
+            param: None,
+        })
+    })?;
+    if request.similarity.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+        return Err(ApiError::InvalidRequest(crate::openai::Invalid {
+            message: "'similarity' must be within [0, 1].".to_owned(),
+            param: Some("similarity".to_owned()),
+        }));
+    }
+    let tenant = tenant_of(state.scope, &headers);
+    let not_found = || ApiError::NotFound(format!("No entry with id {} for this API key.", request.entry_id));
+    let entry = state.cache.get(request.entry_id).ok_or_else(not_found)?;
+    if entry.tenant != tenant {
+        return Err(not_found());
+    }
+    let outcome = state
+        .cache
+        .report(request.entry_id, request.correct, request.similarity)
+        .ok_or_else(not_found)?;
+    state.stats.record_feedback(request.correct);
+    let body = match outcome {
+        Feedback::Noted => json!({"entry_id": request.entry_id, "action": "noted"}),
+        Feedback::Raised(threshold) => json!({
+            "entry_id": request.entry_id,
+            "action": "threshold_raised",
+            "threshold": (f64::from(threshold) * 10_000.0).round() / 10_000.0,
+        }),
+        Feedback::Evicted => json!({"entry_id": request.entry_id, "action": "evicted"}),
+    };
+    Ok(axum::Json(body).into_response())
 }
 
 /// Any other `/v1/*` call: forwarded as it is, streamed both ways, never cached.

@@ -67,6 +67,8 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
             "hits": s.hit_similarity,
             "near_misses": s.near_miss_similarity,
         },
+        "verifier_refusals": s.refusals.iter().map(|(reason, count)| (reason.as_str().to_owned(), json!(count))).collect::<Map<String, Value>>(),
+        "feedback": {"correct": s.feedback_correct, "wrong": s.feedback_wrong},
         "by_model": by_model,
         "by_tenant": by_tenant,
         "history": history,

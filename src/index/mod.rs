@@ -78,6 +78,14 @@ impl Index {
         partition.nearest(query)
     }
 
+    /// The `limit` most similar live vectors in the partition, most similar first.
+    pub fn top(&self, partition: &PartitionId, query: &[f32], limit: usize) -> Vec<Nearest> {
+        match self.partitions.read().get(partition).cloned() {
+            Some(partition) => partition.top(query, limit),
+            None => Vec::new(),
+        }
+    }
+
     /// The `limit` most similar live vectors across every partition, most similar first.
     pub fn nearest_anywhere(&self, query: &[f32], limit: usize) -> Vec<Nearest> {
         let partitions: Vec<_> = self.partitions.read().values().cloned().collect();

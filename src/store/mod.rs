@@ -20,9 +20,45 @@ const FILE_NAME: &str = "semcache.redb";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-/// Hit counts and last-hit times, apart from the entries so that updating them rewrites 16
-/// bytes, not a whole record.
-const USAGE: TableDefinition<u64, (u64, u64)> = TableDefinition::new("usage");
+/// Hit counts, last-hit times, feedback-raised thresholds (f32 bits) and wrong-answer reports,
+/// apart from the entries so that updating them rewrites 32 bytes, not a whole record.
+const USAGE: TableDefinition<u64, (u64, u64, u64, u64)> = TableDefinition::new("usage");
+
+/// What changes about an entry after it is stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub hits: u64,
+    pub last_hit_ms: u64,
+    pub own_threshold: f32,
+    pub wrong_reports: u64,
+}
+
+impl Usage {
+    fn of(record: &Record) -> Self {
+        Self {
+            hits: record.hits,
+            last_hit_ms: record.last_hit_ms,
+            own_threshold: record.own_threshold,
+            wrong_reports: record.wrong_reports,
+        }
+    }
+
+    fn row(self) -> (u64, u64, u64, u64) {
+        (
+            self.hits,
+            self.last_hit_ms,
+            u64::from(self.own_threshold.to_bits()),
+            self.wrong_reports,
+        )
+    }
+
+    fn apply(row: (u64, u64, u64, u64), record: &mut Record) {
+        record.hits = row.0;
+        record.last_hit_ms = row.1;
+        record.own_threshold = f32::from_bits(row.2 as u32);
+        record.wrong_reports = row.3;
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -52,11 +88,10 @@ fn db_error(err: impl std::fmt::Display) -> Error {
 pub enum Op {
     Put(Box<Record>),
     Delete(u64),
-    /// Hit count and last-hit time (ms since the epoch) of an entry.
+    /// What changed about an entry since it was stored.
     Touch {
         id: u64,
-        hits: u64,
-        last_hit_ms: u64,
+        usage: Usage,
     },
 }
 
@@ -125,7 +160,7 @@ impl Store {
             let mut record =
                 Record::decode(bytes.value()).map_err(|message| Error::Decode { id, message })?;
             if let Some(counts) = usage.get(id).map_err(db_error)? {
-                (record.hits, record.last_hit_ms) = counts.value();
+                Usage::apply(counts.value(), &mut record);
             }
             records.push(record);
             progress(done + 1, total);
@@ -146,21 +181,17 @@ impl Store {
                             .insert(record.id, record.encode().as_slice())
                             .map_err(db_error)?;
                         usage
-                            .insert(record.id, (record.hits, record.last_hit_ms))
+                            .insert(record.id, Usage::of(record).row())
                             .map_err(db_error)?;
                     }
                     Op::Delete(id) => {
                         entries.remove(id).map_err(db_error)?;
                         usage.remove(id).map_err(db_error)?;
                     }
-                    Op::Touch {
-                        id,
-                        hits,
-                        last_hit_ms,
-                    } => {
+                    Op::Touch { id, usage: changed } => {
                         // A touch for an entry deleted in the meantime must not resurrect it.
                         if entries.get(id).map_err(db_error)?.is_some() {
-                            usage.insert(id, (*hits, *last_hit_ms)).map_err(db_error)?;
+                            usage.insert(id, changed.row()).map_err(db_error)?;
                         }
                     }
                 }
@@ -202,13 +233,21 @@ mod tests {
                 Op::Delete(1),
                 Op::Touch {
                     id: 2,
-                    hits: 5,
-                    last_hit_ms: 77,
+                    usage: Usage {
+                        hits: 5,
+                        last_hit_ms: 77,
+                        own_threshold: 0.91,
+                        wrong_reports: 1,
+                    },
                 },
                 Op::Touch {
                     id: 1,
-                    hits: 9,
-                    last_hit_ms: 9,
+                    usage: Usage {
+                        hits: 9,
+                        last_hit_ms: 9,
+                        own_threshold: 0.0,
+                        wrong_reports: 0,
+                    },
                 },
             ];
             store.apply(&ops).unwrap();
@@ -219,6 +258,8 @@ mod tests {
         let mut expected = Record::sample(2);
         expected.hits = 5;
         expected.last_hit_ms = 77;
+        expected.own_threshold = 0.91;
+        expected.wrong_reports = 1;
         assert_eq!(records[0], expected);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -21,6 +21,9 @@ pub struct Record {
     pub expires_ms: Option<u64>,
     pub hits: u64,
     pub last_hit_ms: u64,
+    /// Raised by wrong-answer reports; 0 when the entry has no threshold of its own.
+    pub own_threshold: f32,
+    pub wrong_reports: u64,
 }
 
 impl Record {
@@ -49,6 +52,8 @@ impl Record {
             expires_ms: Some(1_800_000_000_000),
             hits: 0,
             last_hit_ms: 0,
+            own_threshold: 0.0,
+            wrong_reports: 0,
         }
     }
 }

@@ -5,5 +5,6 @@ mod crash;
 mod dashboard;
 mod embedding;
 mod proxy;
+mod quality;
 mod store;
 mod support;

@@ -361,7 +361,10 @@ async fn thresholds_can_be_made_stricter_per_request_and_changed_at_run_time() {
     let set_threshold = |threshold: f32| {
         semcache
             .settings
-            .store(std::sync::Arc::new(semcache::settings::Settings { threshold }));
+            .store(std::sync::Arc::new(semcache::settings::Settings {
+                threshold,
+                verify: true,
+            }));
     };
     set_threshold(0.999);
     assert_eq!(
