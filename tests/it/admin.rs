@@ -21,12 +21,6 @@ impl Semcache {
         }
         Reply::from(request.send().await.unwrap()).await
     }
-
-    async fn get_json(&self, path: &str) -> Value {
-        let reply = self.admin(reqwest::Method::GET, path, None).await;
-        assert_eq!(reply.status, 200, "{path}: {:?}", reply.body);
-        reply.json()
-    }
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {

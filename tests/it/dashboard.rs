@@ -43,15 +43,7 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     assert_eq!(report["hits"], 4, "{report}");
     assert_eq!(report["console_errors"], serde_json::json!([]));
 
-    let config: Value = semcache
-        .http
-        .get(semcache.url("/admin/config"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config = semcache.get_json("/admin/config").await;
     assert_eq!(
         config["threshold"], 0.9,
         "the page's control changed the live config"

@@ -21,15 +21,7 @@ async fn the_verifier_refuses_near_identical_prompts_that_need_another_answer() 
     ] {
         assert_eq!(semcache.chat(&chat_body(trap)).await.cache(), "miss", "{trap}");
     }
-    let stats: serde_json::Value = semcache
-        .http
-        .get(semcache.url("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = semcache.get_json("/stats").await;
     assert_eq!(stats["verifier_refusals"]["negation"], 1, "{stats}");
     assert_eq!(stats["verifier_refusals"]["number"], 1, "{stats}");
 
@@ -121,14 +113,6 @@ async fn wrong_answer_reports_raise_the_entry_threshold_then_evict_it() {
         .unwrap();
     assert_eq!(gone.status(), 404, "the evicted entry is gone");
 
-    let stats: serde_json::Value = semcache
-        .http
-        .get(semcache.url("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = semcache.get_json("/stats").await;
     assert_eq!(stats["feedback"], json!({"correct": 1, "wrong": 3}));
 }

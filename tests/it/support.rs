@@ -251,6 +251,13 @@ impl Semcache {
         format!("http://{}{path}", self.addr)
     }
 
+    /// GETs a route that must answer 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let reply = Reply::from(self.http.get(self.url(path)).send().await.unwrap()).await;
+        assert_eq!(reply.status, 200, "{path}: {:?}", reply.body);
+        reply.json()
+    }
+
     /// Posts a chat completion with tenant A's key.
     pub async fn chat(&self, body: &Value) -> Reply {
         self.chat_as(KEY_A, body, &[]).await
