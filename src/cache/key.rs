@@ -44,6 +44,11 @@ impl TenantId {
         Self(Digest32::of("semcache/tenant/v1", &[b"shared"]))
     }
 
+    /// The first 16 hex digits of the hash: how operators see a tenant.
+    pub fn short_hex(self) -> String {
+        self.0.to_hex()[..16].to_owned()
+    }
+
     pub fn from_api_key(api_key: &str) -> Self {
         Self(Digest32::of("semcache/tenant/v1", &[b"key", api_key.as_bytes()]))
     }

@@ -139,7 +139,7 @@ fn entry_json(entry: &Entry, similarity: Option<f32>) -> Value {
         "id": entry.id,
         "prompt": entry.prompt,
         "model": entry.answer.model,
-        "tenant": entry.tenant.0.to_hex()[..16],
+        "tenant": entry.tenant.short_hex(),
         "hits": entry.hits.load(std::sync::atomic::Ordering::Relaxed),
         "created": rfc3339(created),
         "prompt_tokens": entry.answer.usage.prompt_tokens,

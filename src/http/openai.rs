@@ -269,7 +269,7 @@ impl Miss {
         if status.is_success() {
             match serde_json::from_slice::<Value>(&body) {
                 Ok(completion) => {
-                    if let Some(answer) = storable(&completion, &self.model, latency) {
+                    if let Some(answer) = storable(&completion, body.clone(), &self.model, latency) {
                         stored = Some(self.store(answer).await);
                     }
                 }
@@ -362,7 +362,8 @@ impl Miss {
         }
         match assembler.finish() {
             Ok(completion) => {
-                if let Some(answer) = storable(&completion, &self.model, started.elapsed()) {
+                let bytes = Bytes::from(serde_json::to_vec(&completion).expect("a JSON value serialises"));
+                if let Some(answer) = storable(&completion, bytes, &self.model, started.elapsed()) {
                     self.store(answer).await;
                 }
             }
@@ -425,7 +426,8 @@ impl Client {
 }
 
 /// The answer to keep from a successful completion, or `None` when it must not be stored.
-fn storable(completion: &Value, model: &str, latency: Duration) -> Option<Answer> {
+/// `bytes` is `completion` as JSON: the upstream's own body, or the assembled stream.
+fn storable(completion: &Value, bytes: Bytes, model: &str, latency: Duration) -> Option<Answer> {
     let choices = completion.get("choices")?.as_array()?;
     if choices.is_empty() {
         return None;
@@ -444,7 +446,7 @@ fn storable(completion: &Value, model: &str, latency: Duration) -> Option<Answer
             .unwrap_or(0)
     };
     Some(Answer {
-        completion: Bytes::from(serde_json::to_vec(completion).ok()?),
+        completion: bytes,
         model: model.to_owned(),
         usage: Usage {
             prompt_tokens: tokens("prompt_tokens"),

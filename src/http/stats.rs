@@ -32,7 +32,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         .iter()
         .map(|(tenant, row)| {
             (
-                tenant.0.to_hex()[..16].to_owned(),
+                tenant.short_hex(),
                 breakdown(row.requests, row.hits, row.tokens_saved, row.cost_saved_usd),
             )
         })

@@ -72,12 +72,6 @@ impl Index {
         Self::default()
     }
 
-    /// The most similar live vector in the partition, if the partition has any.
-    pub fn nearest(&self, partition: &PartitionId, query: &[f32]) -> Option<Nearest> {
-        let partition = self.partitions.read().get(partition).cloned()?;
-        partition.nearest(query)
-    }
-
     /// The `limit` most similar live vectors in the partition, most similar first.
     pub fn top(&self, partition: &PartitionId, query: &[f32], limit: usize) -> Vec<Nearest> {
         match self.partitions.read().get(partition).cloned() {
@@ -203,10 +197,6 @@ impl Partition {
         flat.entry_ids.len() - flat.removed.len()
     }
 
-    fn nearest(&self, query: &[f32]) -> Option<Nearest> {
-        self.top(query, 1).into_iter().next()
-    }
-
     fn top(&self, query: &[f32], limit: usize) -> Vec<Nearest> {
         let graph = self.graph.read().clone();
         let flat = self.flat.read();
@@ -311,6 +301,12 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     use super::*;
+
+    impl Index {
+        fn nearest(&self, partition: &PartitionId, query: &[f32]) -> Option<Nearest> {
+            self.top(partition, query, 1).into_iter().next()
+        }
+    }
 
     fn unit(rng: &mut StdRng, dims: usize) -> Vec<f32> {
         let v: Vec<f32> = (0..dims).map(|_| rng.gen_range(-1.0..1.0)).collect();
