@@ -24,6 +24,101 @@ pub struct Cli {
 pub enum Command {
     /// Run the caching proxy.
     Serve(ServeArgs),
+    /// Measure answer quality on labelled data, through the server's own lookup.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Recommend the lowest threshold that keeps wrong hits on labelled pairs under a rate.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Labelled pairs, JSONL `{"a": ..., "b": ..., "duplicate": true|false}`: store `a`, ask
+    /// `b`; report recall, false-hit rate and precision per threshold.
+    Pairs(EvalPairsArgs),
+    /// Intent-labelled queries, CSV `text,category`: store every training query, ask every test
+    /// query; report hit rate and the share of hits with another intent.
+    Intents(EvalIntentsArgs),
+}
+
+/// Options every evaluation takes.
+#[derive(Debug, Clone, Parser)]
+pub struct EvalOptions {
+    /// Folder holding the embedding model.
+    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+    pub model_dir: PathBuf,
+
+    /// Thresholds to report, FROM:TO:STEP.
+    #[arg(long, default_value = "0.70:0.98:0.02", value_parser = crate::eval::Grid::parse)]
+    pub thresholds: crate::eval::Grid,
+
+    /// The serving threshold, marked in the table (and added to the grid if missing).
+    #[arg(long, default_value_t = 0.82)]
+    pub threshold: f32,
+
+    /// Evaluate this many items chosen at random instead of all of them.
+    #[arg(long)]
+    pub sample: Option<usize>,
+
+    /// Seed for --sample.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also draw the curves to this PNG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+
+    /// TrueType font for the plot's labels (a system font is looked for otherwise).
+    #[arg(long)]
+    pub font: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct EvalPairsArgs {
+    /// JSONL file of labelled pairs.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub options: EvalOptions,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct EvalIntentsArgs {
+    /// CSV file of queries to store.
+    pub train: PathBuf,
+    /// CSV file of queries to ask.
+    pub test: PathBuf,
+    #[command(flatten)]
+    pub options: EvalOptions,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct CalibrateArgs {
+    /// JSONL file of labelled pairs, as for `eval pairs`.
+    pub file: PathBuf,
+
+    /// Highest acceptable share of non-duplicates served, e.g. 0.05.
+    #[arg(long)]
+    pub max_false_hit_rate: f64,
+
+    /// Whether semantic hits pass the hit verifier, as in `serve --verify`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify: bool,
+
+    /// Folder holding the embedding model.
+    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+    pub model_dir: PathBuf,
+
+    /// Calibrate on this many pairs chosen at random instead of all of them.
+    #[arg(long)]
+    pub sample: Option<usize>,
+
+    /// Seed for --sample.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 /// How cached entries are partitioned between clients.

@@ -15,11 +15,13 @@
 //! - [`upstream`]: the OpenAI-compatible client.
 //! - [`settings`]: settings that change at run time, read lock-free per request, saved to disk.
 //! - [`stats`]: counters, similarity histograms, savings, per-model and per-tenant breakdowns.
+//! - [`eval`]: answer quality on labelled data, through the same lookup as the server.
 //! - [`http`]: the axum routes. Only this module knows axum.
 
 pub mod cache;
 pub mod config;
 pub mod embed;
+pub mod eval;
 pub mod http;
 pub mod index;
 pub mod openai;

@@ -1,10 +1,12 @@
 use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use semcache::config::{Cli, Command, ServeArgs};
-use semcache::embed::BertEmbedder;
+use semcache::config::{CalibrateArgs, Cli, Command, EvalCommand, EvalOptions, ServeArgs};
+use semcache::embed::{BertEmbedder, Embedder};
+use semcache::eval;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -15,17 +17,128 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Eval(EvalCommand::Pairs(args)) => eval_pairs(&args.file, &args.options).await,
+        Command::Eval(EvalCommand::Intents(args)) => {
+            eval_intents(&args.train, &args.test, &args.options).await
+        }
+        Command::Calibrate(args) => calibrate(args).await,
     }
+}
+
+async fn load_model(model_dir: &Path) -> anyhow::Result<Arc<dyn Embedder>> {
+    let model_dir = model_dir.to_owned();
+    let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&model_dir))
+        .await?
+        .context("loading the embedding model")?;
+    Ok(Arc::new(embedder))
+}
+
+async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
+    let pairs = eval::sample(eval::read_pairs(file)?, options.sample, options.seed);
+    let embedder = load_model(&options.model_dir).await?;
+    let grid = options.thresholds.clone().with(options.threshold);
+    let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
+    if let Some(path) = &options.plot {
+        let title = format!("{} ({} pairs)", file.display(), report.pairs);
+        eval::plot(
+            path,
+            &title,
+            &eval::pairs_series(&report),
+            options.font.as_deref(),
+        )?;
+    }
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} pairs from {}: {} duplicates, {} non-duplicates.\n",
+        report.pairs,
+        file.display(),
+        report.duplicates,
+        report.non_duplicates
+    );
+    print!("{}", eval::pairs_table(&report, options.threshold));
+    if let Some(summary) = eval::verifier_summary(&report, options.threshold) {
+        println!("\n{summary}");
+    }
+    Ok(())
+}
+
+async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyhow::Result<()> {
+    let stored = eval::read_intents(train)?;
+    let asked = eval::sample(eval::read_intents(test)?, options.sample, options.seed);
+    let embedder = load_model(&options.model_dir).await?;
+    let grid = options.thresholds.clone().with(options.threshold);
+    let report = eval::eval_intents(&embedder, &stored, &asked, &grid).await?;
+    if let Some(path) = &options.plot {
+        let title = format!("{} stored, {} asked", report.stored, report.asked);
+        eval::plot(
+            path,
+            &title,
+            &eval::intents_series(&report),
+            options.font.as_deref(),
+        )?;
+    }
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} queries stored from {}, {} asked from {}.\n",
+        report.stored,
+        train.display(),
+        report.asked,
+        test.display()
+    );
+    print!("{}", eval::intents_table(&report, options.threshold));
+    Ok(())
+}
+
+async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.max_false_hit_rate),
+        "--max-false-hit-rate must be within [0, 1], got {}",
+        args.max_false_hit_rate
+    );
+    let pairs = eval::sample(eval::read_pairs(&args.file)?, args.sample, args.seed);
+    let embedder = load_model(&args.model_dir).await?;
+    let grid = eval::Grid::new(50, 99, 1);
+    let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
+    let rows = if args.verify {
+        &report.verified
+    } else {
+        &report.plain
+    };
+    let verification = if args.verify { "with" } else { "without" };
+    let Some(row) = eval::recommend(rows, args.max_false_hit_rate) else {
+        anyhow::bail!(
+            "no threshold up to 0.99 keeps the false-hit rate at or under {:.1}% {verification} verification on these {} pairs",
+            args.max_false_hit_rate * 100.0,
+            report.pairs
+        );
+    };
+    println!(
+        "Recommended threshold: {:.2} ({verification} verification, {} pairs).\n\
+         False-hit rate {:.1}% (at most {:.1}% asked), recall {:.1}%, precision {:.1}%.\n\
+         Apply it with PATCH /admin/config {{\"threshold\": {:.2}}} or --threshold {:.2}.",
+        row.threshold,
+        report.pairs,
+        row.false_hit_rate * 100.0,
+        args.max_false_hit_rate * 100.0,
+        row.recall * 100.0,
+        row.precision * 100.0,
+        row.threshold,
+        row.threshold,
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     tracing::info!(model_dir = %args.model_dir.display(), "loading the embedding model");
-    let model_dir = args.model_dir.clone();
-    let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&model_dir))
-        .await?
-        .context("loading the embedding model")?;
-    let app = semcache::app(&args, Arc::new(embedder)).context("setting up the upstream client")?;
+    let embedder = load_model(&args.model_dir).await?;
+    let app = semcache::app(&args, embedder).context("setting up the upstream client")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

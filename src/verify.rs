@@ -1,11 +1,15 @@
 //! Hit verification: a candidate found by meaning is refused when the two prompts differ in a
 //! way that changes the answer, which embeddings barely see ("open" / "closed" scores 0.95).
 //!
-//! The verifier compares the words only one prompt has. A difference is a reason to refuse
-//! when it is a negation (an odd number more of "not", "never", "without", …), an antonym or
-//! an un-/dis-/il- prefix ("lock" / "unlock"), a number or amount, a date or time, a name
-//! (capitalised or a known product), or a quantifier ("all" / "first"). Anything else, such as
-//! "store" / "shop", is left to the similarity threshold.
+//! The verifier compares the words only one prompt has, and refuses on a contrast: each prompt
+//! takes a side of the same kind. That is a negation one prompt has about something both
+//! say ("is available" / "is not available", "safe" / "unsafe"), an antonym pair, a number in
+//! place of another, a day or time against another, a name against another, or a quantifier
+//! against another ("all" / "first"). Detail only one prompt adds ("in 2016", "some",
+//! "today") is left to the similarity threshold: on Quora's duplicates, refusing it cost more
+//! right answers than it saved wrong ones. A few words count even alone: days ("on Monday"),
+//! "next"/"last" before a time, "every other", and a number before a superlative ("the five
+//! tallest").
 
 use std::collections::BTreeSet;
 
@@ -46,9 +50,11 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// Words that negate what follows. Softer ones ("stop", "avoid", "lack") are left to the
+/// antonym pairs, which need both prompts to take a side: alone they mostly add detail.
 const NEGATIONS: &[&str] = &[
-    "not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor", "without", "cannot",
-    "unable", "lack", "lacks", "missing", "non", "avoid", "prevent", "stop", "against",
+    "not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor", "cannot", "unable",
+    "non", "without",
 ];
 
 /// Pairs of words of opposite meaning, compared after stemming.
@@ -175,6 +181,11 @@ const ANTONYMS: &[(&str, &str)] = &[
     ("strong", "weak"),
     ("easy", "hard"),
     ("easy", "difficult"),
+    ("eat", "avoid"),
+    ("take", "avoid"),
+    ("use", "avoid"),
+    ("half", "quarter"),
+    ("half", "third"),
 ];
 
 const NEGATING_PREFIXES: &[&str] = &["un", "dis", "in", "il", "im", "ir", "non", "de", "anti"];
@@ -204,11 +215,27 @@ const SCOPE_WORDS: &[&str] = &[
     "anyone",
     "something",
     "someone",
-    "always",
-    "sometimes",
-    "often",
-    "usually",
+    "one",
+    "latest",
+    "next",
 ];
+
+/// Quantifiers of the same kind, which may stand for each other ("any" / "anything").
+fn scope_class(word: &str) -> &str {
+    match word {
+        "all" | "every" | "entire" | "whole" | "everything" | "everyone" => "all",
+        "some" | "any" | "anything" | "anyone" | "something" | "someone" | "several" | "few" | "one" => {
+            "some"
+        }
+        "only" | "single" => "only",
+        "first" | "next" | "latest" => "first",
+        word => word,
+    }
+}
+
+/// Quantifiers that change the question even when the other prompt has none: "every other row"
+/// / "every row".
+const ONE_SIDED_SCOPE: &[&str] = &["other"];
 
 /// Units of time: a difference counts when both prompts name one ("per month" / "per year").
 const TIME_UNITS: &[&str] = &[
@@ -232,15 +259,11 @@ const TIME_UNITS: &[&str] = &[
     "centuries",
 ];
 
-/// Days, months and relative times: a difference counts even when one prompt has none.
+/// Days and days relative to today: a difference counts even when one prompt has none.
 const DATE_TIME_WORDS: &[&str] = &[
-    "today",
     "tomorrow",
     "yesterday",
     "tonight",
-    "weekend",
-    "weekday",
-    "weekdays",
     "monday",
     "tuesday",
     "wednesday",
@@ -248,6 +271,29 @@ const DATE_TIME_WORDS: &[&str] = &[
     "friday",
     "saturday",
     "sunday",
+];
+
+/// Times that are often only detail ("in daily life", "still here today", "(July 2016)"): a
+/// difference counts when both prompts name one.
+const LOOSE_TIME_WORDS: &[&str] = &[
+    "today",
+    "nowadays",
+    "daily",
+    "weekly",
+    "monthly",
+    "yearly",
+    "annual",
+    "annually",
+    "hourly",
+    "overnight",
+    "spring",
+    "summer",
+    "autumn",
+    "fall",
+    "winter",
+    "weekend",
+    "weekday",
+    "weekdays",
     "january",
     "february",
     "march",
@@ -271,29 +317,21 @@ const DATE_TIME_WORDS: &[&str] = &[
     "oct",
     "nov",
     "dec",
-    "next",
-    "last",
-    "previous",
-    "daily",
-    "weekly",
-    "monthly",
-    "yearly",
-    "annual",
-    "annually",
-    "spring",
-    "summer",
-    "autumn",
-    "winter",
     "christmas",
     "easter",
-    "ago",
-    "before",
-    "after",
-    "hourly",
-    "overnight",
-    "tonight's",
-    "today's",
-    "tomorrow's",
+    "thanksgiving",
+    "halloween",
+    "morning",
+    "afternoon",
+    "evening",
+];
+
+/// Words that make a time relative when a time follows: "next weekend", "last quarter".
+const RELATIVE_TIME: &[&str] = &["next", "last", "previous", "this", "coming", "past"];
+
+/// What a relative time may point at.
+const TIME_NOUNS: &[&str] = &[
+    "week", "weekend", "month", "quarter", "year", "semester", "term", "season", "night", "time",
 ];
 
 /// Number words. "one" is left out: it is as often an article as a number.
@@ -335,6 +373,7 @@ const NUMBER_WORDS: &[(&str, u32)] = &[
     ("fourth", 4),
     ("fifth", 5),
     ("double", 2),
+    ("single", 1),
     ("triple", 3),
 ];
 
@@ -471,7 +510,9 @@ fn tokens(text: &str) -> Vec<Token> {
         .replace("a.m.", "am")
         .replace("p.m.", "pm")
         .replace("A.M.", "am")
-        .replace("P.M.", "pm");
+        .replace("P.M.", "pm")
+        .replace(['?', '!'], ". ");
+    let text = without_thousands_separators(&text);
     let mut words: Vec<(String, bool)> = Vec::new();
     let mut sentence_start = true;
     for raw in text.split(|c: char| {
@@ -495,6 +536,14 @@ fn tokens(text: &str) -> Vec<Token> {
             "shan't" => vec!["shall".into(), "not".into()],
             word if word.ends_with("n't") => vec![word[..word.len() - 3].into(), "not".into()],
             word if word.contains('\'') => vec![word.split('\'').next().unwrap_or_default().into()],
+            // "Rs.500": a unit and an amount.
+            word if word.split_once('.').is_some_and(|(unit, amount)| {
+                !unit.is_empty() && unit.chars().all(char::is_alphabetic) && is_numeric(amount)
+            }) =>
+            {
+                let (unit, amount) = word.split_once('.').unwrap_or_default();
+                vec![unit.into(), amount.into()]
+            }
             word => {
                 // A number glued to a unit or time of day: keep them apart.
                 let digits_end = word
@@ -525,6 +574,24 @@ fn tokens(text: &str) -> Vec<Token> {
     out
 }
 
+/// "15,000" is "15000"; "2, 3" and "1,2" are left alone.
+fn without_thousands_separators(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    for (i, &c) in chars.iter().enumerate() {
+        let separator = c == ','
+            && i > 0
+            && chars[i - 1].is_ascii_digit()
+            && chars.len() > i + 3
+            && chars[i + 1..i + 4].iter().all(char::is_ascii_digit)
+            && !chars.get(i + 4).is_some_and(char::is_ascii_digit);
+        if !separator {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A crude stem: enough for "opens", "opened", "opening" to meet "open", and "banned" "ban".
 fn stem(word: &str) -> String {
     for suffix in ["ing", "ed", "es", "s", "d"] {
@@ -548,17 +615,26 @@ fn same_stem(a: &str, b: &str) -> bool {
     a == b || stem(a) == stem(b)
 }
 
-/// Every number in the text, digits or words, sorted: "2+2" and "2 + 2" agree, and "9:00"
-/// is "9".
-fn numbers(tokens: &[Token]) -> Vec<String> {
-    let mut found = Vec::new();
-    for token in tokens {
+/// Every number in the text, digits or words: "2+2" and "2 + 2" agree, "9:00" is "9" and
+/// "30k" is "30000". Letters followed by digits ("mp4", "i32") are names, not numbers.
+fn numbers(tokens: &[Token]) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    for (i, token) in tokens.iter().enumerate() {
         if let Some((_, value)) = NUMBER_WORDS.iter().find(|(name, _)| *name == token.word) {
-            found.push(value.to_string());
+            found.insert(value.to_string());
             continue;
         }
+        // "Rs.500" is the amount; "mp4" and "i32" are names.
+        let word = match token.word.split_once('.') {
+            Some((unit, amount)) if unit.chars().all(char::is_alphabetic) && is_numeric(amount) => amount,
+            _ => token.word.as_str(),
+        };
+        if word.starts_with(|c: char| c.is_alphabetic()) {
+            continue;
+        }
+        let thousands = tokens.get(i + 1).is_some_and(|next| next.word == "k") && is_numeric(&token.word);
         let mut current = String::new();
-        let chars: Vec<char> = token.word.chars().collect();
+        let chars: Vec<char> = word.chars().collect();
         let mut runs = Vec::new();
         for (i, &c) in chars.iter().enumerate() {
             let inner = matches!(c, '.' | ',')
@@ -582,27 +658,120 @@ fn numbers(tokens: &[Token]) -> Vec<String> {
             if minutes_after_colon && run.chars().all(|c| c == '0') {
                 continue;
             }
-            found.push(run.trim_start_matches('0').to_owned());
+            let run = match run.trim_start_matches('0') {
+                "" => "0",
+                run => run,
+            };
+            if thousands && !run.contains('.') {
+                found.insert(format!("{run}000"));
+            } else {
+                found.insert(run.to_owned());
+            }
         }
     }
-    found.sort();
     found
+}
+
+/// Whether each prompt names a number the other does not ("order 1182" / "order 1183"). A
+/// number only one prompt adds is mostly detail ("lose weight in 3 months"). "one" is only a
+/// number when the other prompt has a 1 in its place ("one-minute" / "1 minute").
+fn numbers_differ(a: &[Token], b: &[Token]) -> bool {
+    let (mut numbers_a, mut numbers_b) = (numbers(a), numbers(b));
+    let has_one = |tokens: &[Token]| tokens.iter().any(|t| t.word == "one");
+    // "one beer" / "five beers": "one" stands against another number.
+    if has_one(a) && !numbers_b.is_empty() && !numbers_b.contains("1") {
+        numbers_a.insert("1".to_owned());
+    }
+    if has_one(b) && !numbers_a.is_empty() && !numbers_a.contains("1") {
+        numbers_b.insert("1".to_owned());
+    }
+    let extra = |x: &BTreeSet<String>, y: &BTreeSet<String>, y_tokens: &[Token]| {
+        x.difference(y)
+            .filter(|n| !(n.as_str() == "1" && has_one(y_tokens)))
+            .count()
+    };
+    let (extra_a, extra_b) = (extra(&numbers_a, &numbers_b, b), extra(&numbers_b, &numbers_a, a));
+    (extra_a > 0 && (extra_b > 0 || counts_ranked(a))) || (extra_b > 0 && counts_ranked(b))
+}
+
+/// A number that counts a superlative ("the five tallest"): without it, the question
+/// asks for one.
+fn counts_ranked(tokens: &[Token]) -> bool {
+    tokens.windows(2).any(|w| {
+        let number = |t: &Token| is_numeric(&t.word) || NUMBER_WORDS.iter().any(|(name, _)| *name == t.word);
+        number(&w[0]) && w[1].word.len() > 4 && w[1].word.ends_with("est")
+    })
 }
 
 /// Negations, counting a negating prefix when the other prompt has the bare word
 /// ("unsafe" against "safe").
 fn polarity(tokens: &[Token], other: &[Token]) -> usize {
+    let word = |i: usize| tokens.get(i).map_or("", |t: &Token| t.word.as_str());
     tokens
         .iter()
-        .filter(|t| {
-            NEGATIONS.contains(&t.word.as_str())
-                || NEGATING_PREFIXES.iter().any(|prefix| {
+        .enumerate()
+        .filter(|&(i, t)| {
+            let repeated = word(i.wrapping_sub(1)) == t.word;
+            let negation = NEGATIONS.contains(&t.word.as_str())
+                && !repeated
+                && !negation_idiom(
+                    &t.word,
+                    word(i.wrapping_sub(1)),
+                    word(i.wrapping_sub(2)),
+                    tokens.get(i + 1),
+                );
+            let prefixed = !other.iter().any(|o| o.word == t.word)
+                && NEGATING_PREFIXES.iter().any(|prefix| {
                     t.word
                         .strip_prefix(prefix)
                         .is_some_and(|rest| rest.len() >= 3 && other.iter().any(|o| same_stem(&o.word, rest)))
-                })
+                });
+            negation || prefixed
         })
         .count()
+}
+
+/// Words skipped to find what a negation is about.
+const FUNCTION_WORDS: &[&str] = &[
+    "be", "is", "are", "was", "were", "been", "being", "to", "a", "an", "the", "do", "does", "did", "have",
+    "has", "had", "it", "that", "this", "i", "you", "he", "she", "we", "they", "my", "your", "able", "get",
+    "got", "so", "very", "really", "too", "any", "yet", "even", "ever", "will", "can", "should", "would",
+];
+
+/// Whether a negation in `tokens` is about something `other` also says: a prefixed word whose
+/// root `other` has, or a negation whose next content word `other` has ("is not available" /
+/// "is available"). A negation about something only one prompt mentions is mostly detail.
+fn negates_shared(tokens: &[Token], other: &[Token]) -> bool {
+    tokens.iter().enumerate().any(|(i, t)| {
+        let prefixed = !other.iter().any(|o| o.word == t.word)
+            && NEGATING_PREFIXES.iter().any(|prefix| {
+                t.word
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.len() >= 3 && other.iter().any(|o| same_stem(&o.word, rest)))
+            });
+        let negated = NEGATIONS.contains(&t.word.as_str())
+            && tokens[i + 1..]
+                .iter()
+                .filter(|next| !FUNCTION_WORDS.contains(&next.word.as_str()))
+                .take(1)
+                .any(|next| other.iter().any(|o| same_stem(&o.word, &next.word)));
+        prefixed || negated
+    })
+}
+
+/// Negation words that negate nothing: "whether or not", "why or why not", "not only",
+/// "not just", "no matter", "no doubt", "no. 1".
+fn negation_idiom(word: &str, before: &str, before2: &str, next: Option<&Token>) -> bool {
+    let next_word = next.map_or("", |t| t.word.as_str());
+    match word {
+        "not" => {
+            matches!(before, "or" | "if")
+                || (before == "why" && before2 == "or")
+                || matches!(next_word, "only" | "just")
+        }
+        "no" => matches!(next_word, "matter" | "doubt") || next.is_some_and(|t| is_numeric(&t.word)),
+        _ => false,
+    }
 }
 
 fn is_name(token: &Token) -> bool {
@@ -648,11 +817,120 @@ fn words_in<'a>(tokens: &[&'a Token], list: &[&str]) -> BTreeSet<&'a str> {
         .collect()
 }
 
-/// Quantifiers present; "other" counts only in "every other", "each other" and the like.
+/// Relative times, as "next weekend" or "last year".
+fn relative_times(tokens: &[Token]) -> BTreeSet<String> {
+    tokens
+        .windows(2)
+        .filter(|w| {
+            RELATIVE_TIME.contains(&w[0].word.as_str())
+                && (TIME_NOUNS.iter().any(|n| same_stem(n, &w[1].word))
+                    || DATE_TIME_WORDS.contains(&w[1].word.as_str())
+                    || LOOSE_TIME_WORDS.contains(&w[1].word.as_str()))
+        })
+        .map(|w| format!("{} {}", w[0].word, stem(&w[1].word)))
+        .collect()
+}
+
+/// Whether each prompt names something the other does not. A name matches another when one
+/// is a form of the other ("Google" / "Googling", "Quora" / "Quorans"), an alias ("US" /
+/// "USA") or the initials of the other's names ("CS" / "Computer Science").
+fn names_differ(a: &[String], b: &[String]) -> bool {
+    let unmatched = |x: &[String], y: &[String]| -> usize {
+        x.iter()
+            .filter(|name| !y.iter().any(|other| same_name(name, other)) && !is_initials(name, y))
+            .count()
+    };
+    unmatched(a, b) > 0 && unmatched(b, a) > 0
+}
+
+const NAME_ALIASES: &[&[&str]] = &[
+    &[
+        "us",
+        "usa",
+        "u.s",
+        "u.s.a",
+        "america",
+        "american",
+        "americans",
+        "states",
+    ],
+    &["uk", "u.k", "britain", "british", "england", "english"],
+    &["vw", "volkswagen"],
+    &["russia", "russian", "soviet", "ussr"],
+];
+
+fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.replace('.', ""), b.replace('.', ""));
+    let (a, b) = (a.as_str(), b.as_str());
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    let forms = a == b
+        || short.len() >= 3 && long.starts_with(short)
+        || short.chars().count() >= 5
+            && long.starts_with(&short[..short.len() - short.chars().last().map_or(0, char::len_utf8)]);
+    forms
+        || NAME_ALIASES
+            .iter()
+            .any(|group| group.contains(&a) && group.contains(&b))
+}
+
+fn is_initials(name: &str, others: &[String]) -> bool {
+    name.len() >= 2
+        && name.len() == others.len()
+        && name.chars().zip(others).all(|(c, other)| other.starts_with(c))
+}
+
+/// Quantifiers present; "other" counts only in "every other", and
+/// "of all time", "at all", "after all" are no quantifiers.
 fn scope_words<'a>(tokens: &[&'a Token], all: &'a [Token]) -> BTreeSet<&'a str> {
-    let mut found = words_in(tokens, SCOPE_WORDS);
+    let idiom = |token: &Token| {
+        let Some(i) = all.iter().position(|t| std::ptr::eq(t, token)) else {
+            return false;
+        };
+        let before = i.checked_sub(1).map_or("", |j| all[j].word.as_str());
+        let after = all.get(i + 1).map_or("", |t| t.word.as_str());
+        match token.word.as_str() {
+            "all" => {
+                matches!(before, "at" | "after" | "above")
+                    || matches!(after, "time" | "times" | "over" | "along")
+                    || (after == "the" && all.get(i + 2).is_some_and(|t| t.word == "time"))
+            }
+            "most" => before == "the" && after != "recent",
+            "first" | "last" => matches!(after, "time" | "name" | "names"),
+            "one" => {
+                matches!(
+                    before,
+                    "no" | "any"
+                        | "some"
+                        | "every"
+                        | "each"
+                        | "the"
+                        | "which"
+                        | "that"
+                        | "this"
+                        | "can"
+                        | "should"
+                        | "does"
+                        | "do"
+                        | "would"
+                        | "could"
+                        | "might"
+                        | "must"
+                        | "will"
+                        | "how"
+                        | "if"
+                        | "as"
+                ) || matches!(after, "of" | "another")
+            }
+            _ => false,
+        }
+    };
+    let mut found: BTreeSet<&str> = tokens
+        .iter()
+        .filter(|t| SCOPE_WORDS.contains(&t.word.as_str()) && !idiom(t))
+        .map(|t| t.word.as_str())
+        .collect();
     for (i, token) in all.iter().enumerate() {
-        let scoped = i > 0 && SCOPE_WORDS.contains(&all[i - 1].word.as_str());
+        let scoped = i > 0 && all[i - 1].word == "every";
         if token.word == "other" && scoped && tokens.iter().any(|t| std::ptr::eq(*t, token)) {
             found.insert("other");
         }
@@ -666,13 +944,12 @@ pub fn verify(stored: &str, asked: &str) -> Result<(), Rejection> {
     let b = tokens(asked);
     let reject = |reason, detail: String| Err(Rejection { reason, detail });
 
-    if polarity(&a, &b) % 2 != polarity(&b, &a) % 2 {
+    if polarity(&a, &b) % 2 != polarity(&b, &a) % 2 && (negates_shared(&a, &b) || negates_shared(&b, &a)) {
         return reject(Reason::Negation, "one prompt is negated".to_owned());
     }
 
-    let (numbers_a, numbers_b) = (numbers(&a), numbers(&b));
-    if numbers_a != numbers_b {
-        return reject(Reason::Number, format!("{numbers_a:?} vs {numbers_b:?}"));
+    if numbers_differ(&a, &b) {
+        return reject(Reason::Number, format!("{:?} vs {:?}", numbers(&a), numbers(&b)));
     }
 
     let only_a = only_in(&a, &b);
@@ -690,6 +967,19 @@ pub fn verify(stored: &str, asked: &str) -> Result<(), Rejection> {
     if !dates_a.is_empty() || !dates_b.is_empty() {
         return reject(Reason::DateTime, format!("{dates_a:?} vs {dates_b:?}"));
     }
+    let (loose_a, loose_b) = (
+        words_in(&only_a, LOOSE_TIME_WORDS),
+        words_in(&only_b, LOOSE_TIME_WORDS),
+    );
+    if !loose_a.is_empty() && !loose_b.is_empty() {
+        return reject(Reason::DateTime, format!("{loose_a:?} vs {loose_b:?}"));
+    }
+    let (relative_a, relative_b) = (relative_times(&a), relative_times(&b));
+    let pointed = |relative: &BTreeSet<String>| relative.iter().any(|r| !r.starts_with("this "));
+    let one_sided = relative_a.is_empty() || relative_b.is_empty();
+    if relative_a != relative_b && (!one_sided || pointed(&relative_a) || pointed(&relative_b)) {
+        return reject(Reason::DateTime, format!("{relative_a:?} vs {relative_b:?}"));
+    }
     let (units_a, units_b) = (words_in(&only_a, TIME_UNITS), words_in(&only_b, TIME_UNITS));
     if !units_a.is_empty() && !units_b.is_empty() {
         return reject(Reason::DateTime, format!("{units_a:?} vs {units_b:?}"));
@@ -699,7 +989,7 @@ pub fn verify(stored: &str, asked: &str) -> Result<(), Rejection> {
         return reject(Reason::DateTime, format!("{day_a:?} vs {day_b:?}"));
     }
 
-    let names = |tokens: &[&Token]| -> BTreeSet<String> {
+    let names = |tokens: &[&Token]| -> Vec<String> {
         tokens
             .iter()
             .filter(|t| is_name(t))
@@ -707,12 +997,29 @@ pub fn verify(stored: &str, asked: &str) -> Result<(), Rejection> {
             .collect()
     };
     let (names_a, names_b) = (names(&only_a), names(&only_b));
-    if !names_a.is_empty() && !names_b.is_empty() {
+    if names_differ(&names_a, &names_b) {
         return reject(Reason::Entity, format!("{names_a:?} vs {names_b:?}"));
     }
 
     let (scope_a, scope_b) = (scope_words(&only_a, &a), scope_words(&only_b, &b));
-    if !scope_a.is_empty() || !scope_b.is_empty() {
+    let (classes_a, classes_b): (BTreeSet<_>, BTreeSet<_>) = (
+        scope_a.iter().map(|w| scope_class(w)).collect(),
+        scope_b.iter().map(|w| scope_class(w)).collect(),
+    );
+    let (scope_a, scope_b): (BTreeSet<_>, BTreeSet<_>) = (
+        scope_a
+            .iter()
+            .filter(|w| !classes_b.contains(scope_class(w)))
+            .copied()
+            .collect(),
+        scope_b
+            .iter()
+            .filter(|w| !classes_a.contains(scope_class(w)))
+            .copied()
+            .collect(),
+    );
+    let strong = |scope: &BTreeSet<&str>| scope.iter().any(|w| ONE_SIDED_SCOPE.contains(w));
+    if (!scope_a.is_empty() && !scope_b.is_empty()) || strong(&scope_a) || strong(&scope_b) {
         return reject(Reason::Scope, format!("{scope_a:?} vs {scope_b:?}"));
     }
     Ok(())
@@ -804,5 +1111,76 @@ mod tests {
             None,
         );
         check("What's 2+2?", "What is 2 + 2?", None);
+    }
+
+    /// Duplicates from Quora that earlier rules refused: idioms, added detail, other spellings.
+    #[test]
+    fn detail_and_spelling_pass() {
+        for (a, b) in [
+            (
+                "How do I know when a girl is interested in me?",
+                "How can I know whether or not a girl is interested in me?",
+            ),
+            (
+                "Is herpes classified as a retrovirus? Why or why not?",
+                "Is herpes classified as a retrovirus?",
+            ),
+            (
+                "How can I increase the traffic on my website without investing?",
+                "How do I increase traffic on my site?",
+            ),
+            (
+                "What are the best one-minute life hacks?",
+                "What are the best 1 minute life hacks?",
+            ),
+            (
+                "Which phone would be the best for ₹15,000?",
+                "Which is the best phone to buy within Rs.15000?",
+            ),
+            (
+                "Why did the US attack Iraq?",
+                "Why did the USA attack & destroy Iraq?",
+            ),
+            (
+                "Which US universities should I apply for MS in Computer Science?",
+                "Which US universities should I apply to for MS in CS?",
+            ),
+            (
+                "What are the best male-female duet songs of all time?",
+                "What are some of the best male-female duet songs?",
+            ),
+            ("Why are all flamingos pink?", "Why are flamingos pink?"),
+            (
+                "Who is behind the coup attempt in Turkey (July 2016)?",
+                "Who is most likely to be behind the Turkey coup?",
+            ),
+            (
+                "Why do people ask questions on Quora that Google answers?",
+                "Why do Quorans ask questions that Googling answers?",
+            ),
+        ] {
+            check(a, b, None);
+            check(b, a, None);
+        }
+    }
+
+    #[test]
+    fn numbers_in_other_forms_still_count() {
+        check(
+            "Is it safe to drive after one beer?",
+            "Is it safe to drive after five beers?",
+            Some(Reason::Number),
+        );
+        check(
+            "Name the tallest building.",
+            "Name the five tallest buildings.",
+            Some(Reason::Number),
+        );
+        check(
+            "What does a single asterisk mean?",
+            "What does a double asterisk mean?",
+            Some(Reason::Number),
+        );
+        check("Is a phone for 15k good?", "Is a phone for 15,000 good?", None);
     }
 }

@@ -4,6 +4,7 @@ mod admin;
 mod crash;
 mod dashboard;
 mod embedding;
+mod eval;
 mod proxy;
 mod quality;
 mod store;

@@ -1,0 +1,170 @@
+//! The evaluation commands, on the repository's own labelled data and the real model.
+
+use std::path::Path;
+use std::process::Command;
+
+use semcache::eval::{self, Grid};
+use serde_json::Value;
+
+use crate::support::{embedder, fresh_data_dir, model_dir};
+
+const TRAPS: &str = "tests/data/traps.jsonl";
+
+fn semcache(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_semcache"))
+        .args(args)
+        .env("SEMCACHE_MODEL_DIR", model_dir())
+        .output()
+        .expect("the semcache binary runs")
+}
+
+/// On the trap suite, where the threshold alone serves most traps, the verifier removes most
+/// of them and keeps the paraphrases: measured through the server's lookup.
+#[tokio::test]
+async fn the_verifier_removes_trap_hits_and_keeps_paraphrase_hits() {
+    let pairs = eval::read_pairs(Path::new(TRAPS)).unwrap();
+    let grid = Grid::parse("0.70:0.98:0.02").unwrap().with(0.82);
+    let report = eval::eval_pairs(&embedder(), &pairs, &grid).await.unwrap();
+    assert_eq!(report.pairs, pairs.len());
+    let (plain, verified) = report.at(0.82).unwrap();
+    assert!(
+        plain.false_hit_rate > 0.5,
+        "the threshold alone serves most traps: {plain:?}"
+    );
+    assert!(
+        verified.false_hit_rate < 0.1,
+        "the verifier refuses them: {verified:?}"
+    );
+    assert!(
+        verified.duplicates_served * 100 >= plain.duplicates_served * 95,
+        "paraphrase hits kept: {verified:?} of {plain:?}"
+    );
+    // Recall can only fall as the threshold rises.
+    for rows in [&report.plain, &report.verified] {
+        assert!(rows.windows(2).all(|w| w[0].recall >= w[1].recall), "{rows:?}");
+    }
+}
+
+#[test]
+fn eval_pairs_prints_json_and_draws_a_plot() {
+    let dir = fresh_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let plot = dir.join("pairs.png");
+    let output = semcache(&[
+        "eval",
+        "pairs",
+        TRAPS,
+        "--sample",
+        "40",
+        "--json",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["pairs"], 40);
+    assert_eq!(report["plain"].as_array().unwrap().len(), 15);
+    let png = std::fs::read(&plot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG file");
+    assert!(png.len() > 10_000, "with curves and labels: {} bytes", png.len());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_intents_reports_wrong_answers_by_intent() {
+    let dir = fresh_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (train, test) = (dir.join("train.csv"), dir.join("test.csv"));
+    std::fs::write(
+        &train,
+        "text,category\n\
+         How do I reset my card PIN?,change_pin\n\
+         Where is my new card?,card_arrival\n\
+         \"My card, the new one, has not arrived yet\",card_arrival\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &test,
+        "text,category\n\
+         How can I reset the PIN of my card?,change_pin\n\
+         Where is the new card I ordered?,card_arrival\n\
+         What is the exchange rate for euros today?,exchange_rate\n",
+    )
+    .unwrap();
+    let output = semcache(&[
+        "eval",
+        "intents",
+        train.to_str().unwrap(),
+        test.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["stored"], 3);
+    assert_eq!(report["asked"], 3);
+    let at = |rows: &Value| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|row| (row["threshold"].as_f64().unwrap() - 0.82).abs() < 1e-4)
+            .cloned()
+            .unwrap()
+    };
+    let row = at(&report["verified"]);
+    assert_eq!(
+        row["hits"], 2,
+        "the two paraphrases hit, the exchange rate does not: {row}"
+    );
+    assert_eq!(row["wrong"], 0, "{row}");
+
+    let table = semcache(&["eval", "intents", train.to_str().unwrap(), test.to_str().unwrap()]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("| **0.82** |"), "{table}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn calibrate_recommends_a_threshold_and_refuses_an_impossible_rate() {
+    let output = semcache(&["calibrate", TRAPS, "--max-false-hit-rate", "0.05"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("Recommended threshold: 0."), "{text}");
+    assert!(text.contains("\"threshold\""), "{text}");
+
+    // A "non-duplicate" asked word for word is served at every threshold.
+    let dir = fresh_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pairs.jsonl");
+    std::fs::write(
+        &file,
+        "{\"a\": \"Hello there\", \"b\": \"Hello there\", \"duplicate\": false}\n",
+    )
+    .unwrap();
+    let output = semcache(&["calibrate", file.to_str().unwrap(), "--max-false-hit-rate", "0.5"]);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("no threshold up to 0.99"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_data_gets_a_clear_error() {
+    let missing = semcache(&["eval", "pairs", "no/such/file.jsonl"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no/such/file.jsonl"));
+    let bad_grid = semcache(&["eval", "pairs", TRAPS, "--thresholds", "0.9:0.5:0.1"]);
+    assert!(!bad_grid.status.success());
+    assert!(String::from_utf8_lossy(&bad_grid.stderr).contains("empty range"));
+}
