@@ -356,6 +356,7 @@ impl Cache {
         let entry_id = *self.inner.read().exact.get(&key.exact)?;
         let entry = self.servable(entry_id, criteria).ok()?;
         entry.touch(&self.clock);
+        entry.last_similarity.store(1.0f32.to_bits(), Ordering::Relaxed);
         Some(Hit {
             entry,
             similarity: 1.0,
@@ -435,7 +436,9 @@ impl Cache {
         let reports = entry.wrong_reports.fetch_add(1, Ordering::Relaxed) + 1;
         let served_at =
             similarity.unwrap_or_else(|| f32::from_bits(entry.last_similarity.load(Ordering::Relaxed)));
-        if reports >= WRONG_REPORTS_TO_EVICT || served_at >= 0.9999 {
+        // Wrong at similarity 1, or never served at all (an operator's verdict on the answer
+        // itself): nothing else could be served from it.
+        if reports >= WRONG_REPORTS_TO_EVICT || served_at >= 0.9999 || served_at <= 0.0 {
             self.remove(entry_id);
             return Some(Feedback::Evicted);
         }

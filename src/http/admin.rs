@@ -200,6 +200,31 @@ pub async fn delete_entry(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryFeedback {
+    correct: bool,
+}
+
+/// `POST /admin/entries/{id}/feedback`: an operator's verdict on a stored answer, as the
+/// application's `POST /v1/semcache/feedback` but for any tenant's entry (the dashboard's
+/// "wrong" button). No similarity is given: the last one the entry was served at is used.
+pub async fn entry_feedback(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: EntryFeedback = parse_body(&body)?;
+    let not_found = || ApiError::NotFound(format!("No entry with id {id:?}."));
+    let entry_id = id.parse::<u64>().map_err(|_| not_found())?;
+    let outcome = state
+        .cache
+        .report(entry_id, request.correct, None)
+        .ok_or_else(not_found)?;
+    state.stats.record_feedback(request.correct);
+    Ok(Json(super::openai::feedback_json(entry_id, outcome)))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FlushRequest {

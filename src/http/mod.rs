@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/config", get(admin::get_config).patch(admin::patch_config))
         .route("/admin/entries", get(admin::list_entries))
         .route("/admin/entries/{id}", delete(admin::delete_entry))
+        .route("/admin/entries/{id}/feedback", post(admin::entry_feedback))
         .route("/admin/flush", post(admin::flush))
         .route("/admin/invalidate", post(admin::invalidate))
         .route("/stats", get(stats::stats))

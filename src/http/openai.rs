@@ -571,16 +571,20 @@ pub async fn feedback(
         .report(request.entry_id, request.correct, request.similarity)
         .ok_or_else(not_found)?;
     state.stats.record_feedback(request.correct);
-    let body = match outcome {
-        Feedback::Noted => json!({"entry_id": request.entry_id, "action": "noted"}),
+    Ok(axum::Json(feedback_json(request.entry_id, outcome)).into_response())
+}
+
+/// What a feedback report did, for the application and the dashboard alike.
+pub(crate) fn feedback_json(entry_id: u64, outcome: Feedback) -> Value {
+    match outcome {
+        Feedback::Noted => json!({"entry_id": entry_id, "action": "noted"}),
         Feedback::Raised(threshold) => json!({
-            "entry_id": request.entry_id,
+            "entry_id": entry_id,
             "action": "threshold_raised",
             "threshold": (f64::from(threshold) * 10_000.0).round() / 10_000.0,
         }),
-        Feedback::Evicted => json!({"entry_id": request.entry_id, "action": "evicted"}),
-    };
-    Ok(axum::Json(body).into_response())
+        Feedback::Evicted => json!({"entry_id": entry_id, "action": "evicted"}),
+    }
 }
 
 /// Any other `/v1/*` call: forwarded as it is, streamed both ways, never cached.

@@ -47,7 +47,7 @@ if (!Number.isFinite(newThreshold) || newThreshold < 0 || newThreshold > 1) usag
 const consoleErrors = [];
 const failedRequests = [];
 const problems = [];
-const result = { requests: null, hits: null, threshold: null };
+const result = { requests: null, hits: null, threshold: null, feedback: null };
 let collecting = true;
 
 const watchdog = setTimeout(() => {
@@ -142,6 +142,15 @@ try {
   });
   result.threshold = parseFloat((await page.textContent('#threshold-current')) ?? '');
 
+  await step('reporting the newest answer as wrong', async () => {
+    await page.waitForSelector('#entries-table button.wrong', { timeout: STEP_TIMEOUT_MS });
+    const [response] = await Promise.all([
+      page.waitForResponse((r) => r.url().includes('/feedback') && r.request().method() === 'POST', { timeout: STEP_TIMEOUT_MS }),
+      page.click('#entries-table button.wrong'),
+    ]);
+    result.feedback = { status: response.status(), body: await response.json() };
+  });
+
   // Let one more refresh land so the screenshot shows the new threshold everywhere.
   await page.waitForTimeout(300);
   await step(`saving the screenshot to ${screenshotPath}`, async () => {
@@ -164,6 +173,7 @@ process.stdout.write(
     requests: result.requests,
     hits: result.hits,
     threshold: result.threshold,
+    feedback: result.feedback,
     console_errors: consoleErrors,
     failed_requests: failedRequests,
   }) + '\n',

@@ -377,3 +377,47 @@ async fn stats_add_up_after_a_mix_of_hits_misses_and_bypasses() {
         assert!(name.starts_with("semcache_"), "{line:?}");
     }
 }
+
+#[tokio::test]
+async fn operators_report_wrong_answers_for_any_tenant() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start(&upstream).await;
+    let stored = semcache
+        .chat_as(KEY_A, &chat_body("How do I reset my password?"), &[])
+        .await;
+    let id: u64 = stored.header("x-semcache-entry").unwrap().parse().unwrap();
+    let hit = semcache
+        .chat_as(KEY_A, &chat_body("How can I reset my password?"), &[])
+        .await;
+    assert_eq!(hit.cache(), "hit");
+    let served_at = hit.similarity();
+
+    let path = format!("/admin/entries/{id}/feedback");
+    let bad = semcache
+        .admin(reqwest::Method::POST, &path, Some(json!({"correct": "no"})))
+        .await;
+    assert_eq!(bad.status, 400, "{:?}", bad.json());
+    assert_eq!(bad.json()["error"]["type"], "invalid_request_error");
+    let unknown = semcache
+        .admin(
+            reqwest::Method::POST,
+            "/admin/entries/999999/feedback",
+            Some(json!({"correct": false})),
+        )
+        .await;
+    assert_eq!(unknown.status, 404);
+
+    // No tenant key needed: the operator sees every tenant's entries.
+    let raised = semcache
+        .admin(reqwest::Method::POST, &path, Some(json!({"correct": false})))
+        .await;
+    assert_eq!(raised.status, 200);
+    assert_eq!(raised.json()["action"], "threshold_raised");
+    let threshold = raised.json()["threshold"].as_f64().unwrap() as f32;
+    assert!(threshold > served_at, "{threshold} > {served_at}");
+    let again = semcache
+        .chat_as(KEY_A, &chat_body("How can I reset my password?"), &[])
+        .await;
+    assert_eq!(again.cache(), "miss", "no longer served at that similarity");
+    assert_eq!(semcache.get_json("/stats").await["feedback"]["wrong"], 1);
+}

@@ -1,5 +1,6 @@
 //! The dashboard in a real headless Chromium (Debian's, driven by playwright-core): it loads
-//! with no console errors, shows live numbers, and its threshold control changes the config.
+//! with no console errors, shows live numbers, its threshold control changes the config, and
+//! its "Wrong" button reports an answer.
 //! `make test` installs what it needs (`tests/browser/setup`).
 
 use std::path::PathBuf;
@@ -42,6 +43,15 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     // The paraphrase is a hit the first time too: four hits.
     assert_eq!(report["hits"], 4, "{report}");
     assert_eq!(report["console_errors"], serde_json::json!([]));
+
+    // The newest entry's "Wrong" button: that answer was only ever served word for word, so a
+    // wrong report evicts it.
+    assert_eq!(report["feedback"]["status"], 200, "{report}");
+    assert_eq!(report["feedback"]["body"]["action"], "evicted", "{report}");
+    let stats = semcache.get_json("/stats").await;
+    assert_eq!(stats["feedback"]["wrong"], 1, "{stats}");
+    let entries = semcache.get_json("/admin/entries").await;
+    assert!(!entries.to_string().contains("capital of Australia"), "{entries}");
 
     let config = semcache.get_json("/admin/config").await;
     assert_eq!(
