@@ -20,6 +20,9 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
+# Every bench. `load` starts the release binary against an in-process model and asks the prompts
+# in ../shared/data/sharegpt_first_prompts.jsonl (built-in ones when that file is missing); run
+# one bench alone with `cargo bench --bench load -- --help`.
 bench: model
 	cargo bench
 

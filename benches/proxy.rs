@@ -1,5 +1,7 @@
-//! Latency of one embedding, an exact hit and a semantic hit through HTTP, and of a bare axum
-//! handler returning the same bytes, all measured in one run so they can be compared as ratios.
+//! Latency of one embedding, batches of 8 and 32 (per prompt), 32 concurrent clients through
+//! the dynamic batcher against the same 32 prompts one at a time, an exact and a semantic hit
+//! through HTTP, and a bare axum handler returning the same bytes: all in one run, so they
+//! can be compared as ratios.
 //!
 //! `make bench` (or `cargo bench --bench proxy`); needs the model (`make model`).
 
@@ -11,9 +13,45 @@ use std::sync::Arc;
 use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use semcache::config::ServeArgs;
-use semcache::embed::{BertEmbedder, Embedder};
+use semcache::embed::{Batcher, BertEmbedder, Embedder};
+
+/// 32 distinct short prompts, as support-bot users type them.
+const PROMPTS: [&str; 32] = [
+    "How can I reset my password?",
+    "Where is my order?",
+    "Can I change my delivery address?",
+    "How do I cancel my subscription?",
+    "What are your opening hours on Sunday?",
+    "Why was my card declined?",
+    "How long does a refund take?",
+    "Do you ship to Canada?",
+    "How do I update my billing details?",
+    "Is there a student discount?",
+    "My package arrived damaged, what should I do?",
+    "How do I contact customer support?",
+    "Can I pay with PayPal?",
+    "What is your return policy?",
+    "How do I track my parcel?",
+    "Can I order without an account?",
+    "How do I enable two-factor authentication?",
+    "Why can't I log in to the app?",
+    "Where can I find my invoice?",
+    "How do I delete my account?",
+    "Do you offer gift cards?",
+    "What sizes does this jacket come in?",
+    "Is this product in stock?",
+    "How do I apply a promo code?",
+    "Can I change my order after placing it?",
+    "What payment methods do you accept?",
+    "How do I unsubscribe from emails?",
+    "Is my personal data safe with you?",
+    "How much is express shipping?",
+    "Can I pick up my order in store?",
+    "How do I report a bug in the app?",
+    "When will the item be back in stock?",
+];
 use serde_json::{json, Value};
 
 fn completion() -> Value {
@@ -55,6 +93,42 @@ fn benches(c: &mut Criterion) {
                 .unwrap()
         })
     });
+
+    let mut batches = c.benchmark_group("embed/batch");
+    for size in [8, 32] {
+        batches.throughput(Throughput::Elements(size as u64));
+        batches.bench_function(format!("{size}"), |b| {
+            b.iter(|| embedder.embed(black_box(&PROMPTS[..size])).unwrap())
+        });
+    }
+    batches.finish();
+
+    // The same 32 prompts from 32 concurrent clients, through the service's batcher, against
+    // the same prompts one after another (each alone in its forward pass).
+    let batcher = runtime.block_on(async { Batcher::new(Arc::clone(&embedder)) });
+    let mut clients = c.benchmark_group("embed/clients");
+    clients.throughput(Throughput::Elements(PROMPTS.len() as u64));
+    clients.bench_function("32_one_at_a_time", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                for prompt in PROMPTS {
+                    batcher.embed(prompt).await.unwrap();
+                }
+            })
+        })
+    });
+    clients.bench_function("32_concurrent_batched", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let clients = PROMPTS.iter().map(|prompt| {
+                    let batcher = batcher.clone();
+                    tokio::spawn(async move { batcher.embed(prompt).await.unwrap() })
+                });
+                futures::future::join_all(clients).await
+            })
+        })
+    });
+    clients.finish();
 
     let (semcache, bare) = runtime.block_on(async {
         let upstream =

@@ -4,13 +4,16 @@
 //! Totals are atomics. The breakdown maps take a read lock to find their row (a write lock only
 //! the first time a model or tenant is seen).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::cache::{HitKind, TenantId, Usage};
@@ -192,9 +195,65 @@ pub struct Stats {
     refusals: [AtomicU64; 5],
     feedback_correct: AtomicU64,
     feedback_wrong: AtomicU64,
-    by_model: RwLock<HashMap<String, Arc<Breakdown>>>,
-    by_tenant: RwLock<HashMap<TenantId, Arc<Breakdown>>>,
+    by_model: Rows<String>,
+    by_tenant: Rows<TenantId>,
     history: Mutex<History>,
+}
+
+/// Most rows in a breakdown. Model names and keys come from clients: past this, new ones are
+/// counted together, so that a client cannot grow the service's memory without bound.
+const MAX_ROWS: usize = 1024;
+/// The row for models past [`MAX_ROWS`].
+pub const OTHER_MODELS: &str = "(other models)";
+
+/// The row for tenants past [`MAX_ROWS`]: a digest no key hashes to.
+pub fn other_tenants() -> TenantId {
+    TenantId(crate::cache::Digest32([0xff; 32]))
+}
+
+/// Counters per model or per tenant, read without a lock: a request loads the map and bumps
+/// atomics; only a key never seen before copies the map (read-copy-update).
+#[derive(Debug)]
+struct Rows<K> {
+    map: ArcSwap<HashMap<K, Arc<Breakdown>>>,
+}
+
+impl<K> Default for Rows<K> {
+    fn default() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Rows<K> {
+    fn row<Q>(&self, key: &Q, owned: impl Fn() -> K, overflow: impl Fn() -> K) -> Arc<Breakdown>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let map = self.map.load();
+        if let Some(row) = map.get(key) {
+            return Arc::clone(row);
+        }
+        if map.len() >= MAX_ROWS {
+            if let Some(row) = map.get(overflow().borrow()) {
+                return Arc::clone(row);
+            }
+        }
+        let mut found = None;
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            let key = if map.len() >= MAX_ROWS && !map.contains_key(key) {
+                overflow()
+            } else {
+                owned()
+            };
+            found = Some(Arc::clone(map.entry(key).or_default()));
+            map
+        });
+        found.expect("rcu runs its closure")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -262,19 +321,11 @@ impl Stats {
         }
     }
 
-    fn row<K: std::hash::Hash + Eq + Clone>(
-        map: &RwLock<HashMap<K, Arc<Breakdown>>>,
-        key: &K,
-    ) -> Arc<Breakdown> {
-        if let Some(row) = map.read().get(key) {
-            return Arc::clone(row);
-        }
-        Arc::clone(map.write().entry(key.clone()).or_default())
-    }
-
     fn count_request(&self, model: &str, tenant: TenantId) -> (Arc<Breakdown>, Arc<Breakdown>) {
-        let model_row = Self::row(&self.by_model, &model.to_owned());
-        let tenant_row = Self::row(&self.by_tenant, &tenant);
+        let model_row = self
+            .by_model
+            .row(model, || model.to_owned(), || OTHER_MODELS.to_owned());
+        let tenant_row = self.by_tenant.row(&tenant, || tenant, other_tenants);
         model_row.requests.fetch_add(1, Relaxed);
         tenant_row.requests.fetch_add(1, Relaxed);
         (model_row, tenant_row)
@@ -421,14 +472,16 @@ impl Stats {
         let bypassed = self.bypassed.load(Relaxed);
         let mut by_model: Vec<_> = self
             .by_model
-            .read()
+            .map
+            .load()
             .iter()
             .map(|(model, row)| (model.clone(), row.snapshot(), self.prices.price(model).is_some()))
             .collect();
         by_model.sort_by(|a, b| a.0.cmp(&b.0));
         let mut by_tenant: Vec<_> = self
             .by_tenant
-            .read()
+            .map
+            .load()
             .iter()
             .map(|(tenant, row)| (*tenant, row.snapshot()))
             .collect();
@@ -466,6 +519,33 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_cannot_grow_the_breakdowns_without_bound() {
+        let stats = Stats::default();
+        let tenant = TenantId::from_api_key("sk-one");
+        for i in 0..MAX_ROWS + 100 {
+            stats.record_bypass(&format!("model-{i}"), TenantId::from_api_key(&format!("sk-{i}")));
+        }
+        stats.record_bypass("model-0", tenant);
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.by_model.len(), MAX_ROWS + 1);
+        assert_eq!(snapshot.by_tenant.len(), MAX_ROWS + 1);
+        let other = snapshot
+            .by_model
+            .iter()
+            .find(|(model, _, _)| model == OTHER_MODELS)
+            .unwrap();
+        assert_eq!(other.1.requests, 100);
+        let first = snapshot
+            .by_model
+            .iter()
+            .find(|(model, _, _)| model == "model-0")
+            .unwrap();
+        assert_eq!(first.1.requests, 2, "known rows keep counting");
+        let requests: u64 = snapshot.by_tenant.iter().map(|(_, row)| row.requests).sum();
+        assert_eq!(requests, snapshot.requests);
+    }
 
     #[test]
     fn dated_snapshots_are_priced_like_their_family() {

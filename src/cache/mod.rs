@@ -17,7 +17,7 @@ use rand::Rng;
 pub use flight::{Flight, FlightOutcome, Join};
 pub use key::{partition_of, Digest32, ExactKey, Fingerprint, RequestKey, TenantId};
 
-use crate::embed::{self, Embedder};
+use crate::embed::{self, Batcher, Embedder};
 use crate::index::Index;
 use crate::store::{self, Op, Record, Writer};
 use crate::verify::{self, Rejection};
@@ -220,6 +220,7 @@ impl Inner {
 
 pub struct Cache {
     embedder: Arc<dyn Embedder>,
+    batcher: Batcher,
     index: Index,
     inner: RwLock<Inner>,
     next_id: AtomicU64,
@@ -234,6 +235,7 @@ impl Cache {
     /// A cache held in memory only.
     pub fn new(embedder: Arc<dyn Embedder>, config: Config) -> Self {
         Self {
+            batcher: Batcher::new(Arc::clone(&embedder)),
             embedder,
             index: Index::new(),
             inner: RwLock::default(),
@@ -316,6 +318,11 @@ impl Cache {
         &self.embedder
     }
 
+    /// Embeds a text off the async workers, sharing a forward pass with concurrent requests.
+    pub async fn embed(&self, text: &str) -> Result<Vec<f32>, embed::Error> {
+        self.batcher.embed(text).await
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -365,7 +372,7 @@ impl Cache {
     }
 
     /// Exact lookup, then a search by meaning among the entries of the same tenant and context.
-    /// Embedding runs on the blocking pool.
+    /// Embedding runs on the batching thread.
     pub async fn lookup(&self, key: &RequestKey, criteria: &Criteria) -> Result<Lookup, embed::Error> {
         if let Some(hit) = self.lookup_exact(key, criteria) {
             return Ok(Lookup::Hit(hit));
@@ -373,7 +380,7 @@ impl Cache {
         if !key.is_semantic() {
             return Ok(Lookup::Miss(Miss::default()));
         }
-        let embedding = embed::embed_blocking(&self.embedder, &key.prompt).await?;
+        let embedding = self.embed(&key.prompt).await?;
         Ok(self.lookup_embedded(key, embedding, criteria))
     }
 
@@ -566,7 +573,7 @@ impl Cache {
         min_similarity: f32,
         tenant: Option<TenantId>,
     ) -> Result<usize, embed::Error> {
-        let embedding = embed::embed_blocking(&self.embedder, text).await?;
+        let embedding = self.embed(text).await?;
         let candidates = self.index.within(&embedding, min_similarity);
         let ids: Vec<u64> = {
             let inner = self.inner.read();
@@ -597,7 +604,7 @@ impl Cache {
         text: &str,
         limit: usize,
     ) -> Result<Vec<(Arc<Entry>, f32)>, embed::Error> {
-        let embedding = embed::embed_blocking(&self.embedder, text).await?;
+        let embedding = self.embed(text).await?;
         Ok(self
             .index
             .nearest_anywhere(&embedding, limit)

@@ -1,12 +1,12 @@
-//! Text embeddings: the `Embedder` trait and the candle BERT backend.
+//! Text embeddings: the `Embedder` trait, the candle BERT backend, and dynamic batching.
 //!
-//! Embedding is CPU-bound. Callers on the async runtime go through
-//! [`embed_blocking`], which moves the work to the blocking pool.
+//! Embedding is CPU-bound. Callers on the async runtime go through a [`Batcher`], whose own
+//! thread runs the forward passes and lets concurrent prompts share them.
 
+mod batch;
 mod bert;
 
-use std::sync::Arc;
-
+pub use batch::{Batcher, MAX_BATCH, MAX_WAIT};
 pub use bert::BertEmbedder;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,16 +28,6 @@ pub trait Embedder: Send + Sync {
 
     /// Embeds each text; the result has one vector per text, in order.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error>;
-}
-
-/// Embeds one text on the blocking pool, keeping the async workers free.
-pub async fn embed_blocking(embedder: &Arc<dyn Embedder>, text: &str) -> Result<Vec<f32>, Error> {
-    let embedder = Arc::clone(embedder);
-    let text = text.to_owned();
-    tokio::task::spawn_blocking(move || embedder.embed(&[&text]))
-        .await
-        .map_err(|err| Error::Task(err.to_string()))?
-        .map(|mut vectors| vectors.pop().expect("one vector per text"))
 }
 
 /// Cosine similarity of two L2-normalised vectors.

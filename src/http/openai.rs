@@ -387,15 +387,13 @@ impl Miss {
         } = self;
         let embedding = match embedding {
             Some(embedding) => Some(embedding),
-            None if key.is_semantic() => {
-                match crate::embed::embed_blocking(state.cache.embedder(), &key.prompt).await {
-                    Ok(embedding) => Some(embedding),
-                    Err(err) => {
-                        tracing::error!(error = %err, "embedding for storage failed; stored for exact matches only");
-                        None
-                    }
+            None if key.is_semantic() => match state.cache.embed(&key.prompt).await {
+                Ok(embedding) => Some(embedding),
+                Err(err) => {
+                    tracing::error!(error = %err, "embedding for storage failed; stored for exact matches only");
+                    None
                 }
-            }
+            },
             None => None,
         };
         let entry = state.cache.insert(&key, embedding, answer, ttl).await;
