@@ -72,6 +72,7 @@ fn hit_rate(policy: Eviction, shifting: bool) -> f64 {
         max_entries: CAPACITY,
         eviction: policy,
         default_ttl: None,
+        ..Config::default()
     };
     let cache = Cache::new(Arc::new(NoModel), config);
     let zipf = Zipf::new(DISTINCT, 1.0);
@@ -150,6 +151,7 @@ fn memory_under_churn() {
         max_entries: BOUND,
         eviction: Eviction::Lfu,
         default_ttl: None,
+        ..Config::default()
     };
     let cache = Cache::new(Arc::new(RandomVectors), config);
     let answer = Answer {

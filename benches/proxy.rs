@@ -105,7 +105,8 @@ fn benches(c: &mut Criterion) {
 
     // The same 32 prompts from 32 concurrent clients, through the service's batcher, against
     // the same prompts one after another (each alone in its forward pass).
-    let batcher = runtime.block_on(async { Batcher::new(Arc::clone(&embedder)) });
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let batcher = runtime.block_on(async { Batcher::new(Arc::clone(&embedder), workers) });
     let mut clients = c.benchmark_group("embed/clients");
     clients.throughput(Throughput::Elements(PROMPTS.len() as u64));
     clients.bench_function("32_one_at_a_time", |b| {

@@ -203,6 +203,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_PRICES")]
     pub prices: Option<PathBuf>,
 
+    /// Threads running embedding passes (each batches what has queued); 0: one per core.
+    #[arg(long, env = "SEMCACHE_EMBED_WORKERS", default_value_t = 0)]
+    pub embed_workers: usize,
+
     /// Seconds allowed to connect to the upstream.
     #[arg(long, env = "SEMCACHE_UPSTREAM_CONNECT_TIMEOUT", default_value_t = 10)]
     pub upstream_connect_timeout_secs: u64,
@@ -241,6 +245,10 @@ impl ServeArgs {
             max_entries: self.max_entries,
             eviction: self.eviction,
             default_ttl: (self.ttl > 0).then(|| Duration::from_secs(self.ttl)),
+            embed_workers: match self.embed_workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
         }
     }
 

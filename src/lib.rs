@@ -114,23 +114,23 @@ fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, Se
     let started = std::time::Instant::now();
     let store = Store::open(&args.data_dir)?;
     let mut next_report = 0;
-    let records = store.load(|done, total| {
+    let loaded = store.load(|done, total| {
         // A progress line every tenth of the way, for large stores.
         if total >= 10_000 && done >= next_report {
             tracing::info!("loading the store: {done}/{total} entries");
             next_report = done + total / 10;
         }
     })?;
-    let loaded = records.len();
+    let loaded_records = loaded.records.len();
     let writer = Writer::start(
         store,
         args.durability,
         std::time::Duration::from_millis(args.relaxed_window_ms),
     );
-    let cache = Cache::with_store(embedder, args.cache_config(), writer, records);
+    let cache = Cache::with_store(embedder, args.cache_config(), writer, loaded);
     tracing::info!(
         entries = cache.len(),
-        loaded,
+        loaded = loaded_records,
         elapsed_ms = started.elapsed().as_millis() as u64,
         data_dir = %args.data_dir.display(),
         "store opened"

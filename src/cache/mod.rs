@@ -19,7 +19,7 @@ pub use key::{partition_of, Digest32, ExactKey, Fingerprint, RequestKey, TenantI
 
 use crate::embed::{self, Batcher, Embedder};
 use crate::index::Index;
-use crate::store::{self, Op, Record, Writer};
+use crate::store::{self, Loaded, Op, Record, Writer};
 use crate::verify::{self, Rejection};
 
 /// Entries sampled to choose an eviction victim (as Redis does): close to exact LRU or LFU at a
@@ -47,6 +47,8 @@ pub struct Config {
     pub eviction: Eviction,
     /// Lifetime of an entry unless its request said otherwise; `None`: no expiry.
     pub default_ttl: Option<Duration>,
+    /// Threads running embedding passes.
+    pub embed_workers: usize,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             max_entries: 0,
             eviction: Eviction::Lfu,
             default_ttl: None,
+            embed_workers: 1,
         }
     }
 }
@@ -235,7 +238,7 @@ impl Cache {
     /// A cache held in memory only.
     pub fn new(embedder: Arc<dyn Embedder>, config: Config) -> Self {
         Self {
-            batcher: Batcher::new(Arc::clone(&embedder)),
+            batcher: Batcher::new(Arc::clone(&embedder), config.embed_workers),
             embedder,
             index: Index::new(),
             inner: RwLock::default(),
@@ -247,25 +250,35 @@ impl Cache {
         }
     }
 
-    /// A cache whose entries are written to a store and reloaded from `records`.
-    pub fn with_store(
-        embedder: Arc<dyn Embedder>,
-        config: Config,
-        writer: Writer,
-        records: Vec<Record>,
-    ) -> Self {
+    /// A cache whose entries are written to a store and reloaded from what it held.
+    pub fn with_store(embedder: Arc<dyn Embedder>, config: Config, writer: Writer, loaded: Loaded) -> Self {
         let mut cache = Self::new(embedder, config);
         cache.writer = Some(writer);
-        cache.restore(records);
+        cache.restore(loaded);
         cache
     }
 
-    fn restore(&self, mut records: Vec<Record>) {
+    fn restore(&self, loaded: Loaded) {
+        let Loaded { mut records, vectors } = loaded;
         let now = SystemTime::now();
         let mut max_id = 0;
+        // Each partition's vector array is sized once, exactly.
+        let mut sizes: HashMap<crate::index::PartitionId, usize> = HashMap::new();
+        for (record, vector) in &records {
+            if vector.is_some() {
+                let partition = partition_of(
+                    TenantId(Digest32(record.tenant)),
+                    Fingerprint(Digest32(record.fingerprint)),
+                );
+                *sizes.entry(partition).or_default() += 1;
+            }
+        }
+        for (partition, size) in sizes {
+            self.index.reserve(partition, size);
+        }
         // Recency restarts from the saved last-use times, oldest first.
-        records.sort_by_key(|record| (record.last_hit_ms.max(record.created_ms), record.id));
-        for record in records {
+        records.sort_by_key(|(record, _)| (record.last_hit_ms.max(record.created_ms), record.id));
+        for (record, vector) in records {
             max_id = max_id.max(record.id);
             let key = RequestKey::new(
                 TenantId(Digest32(record.tenant)),
@@ -301,9 +314,12 @@ impl Cache {
                 self.persist(Op::Delete(entry.id));
                 continue;
             }
-            if let Some(embedding) = record.embedding {
-                self.index
-                    .insert(partition_of(entry.tenant, entry.fingerprint), entry.id, embedding);
+            if let Some(range) = vector {
+                self.index.insert_slice(
+                    partition_of(entry.tenant, entry.fingerprint),
+                    entry.id,
+                    &vectors[range],
+                );
             }
             let replaced = self.inner.write().add(entry);
             if let Some(old_id) = replaced {
@@ -819,6 +835,7 @@ mod tests {
             max_entries: 3,
             eviction: Eviction::Lru,
             default_ttl: None,
+            embed_workers: 1,
         };
         let cache = Cache::new(Arc::new(FirstLetter), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;
@@ -841,6 +858,7 @@ mod tests {
             max_entries: 3,
             eviction: Eviction::Lfu,
             default_ttl: None,
+            embed_workers: 1,
         };
         let cache = Cache::new(Arc::new(FirstLetter), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;

@@ -2,23 +2,27 @@
 //! sees entries that are allowed to answer the request.
 //!
 //! Small partitions are searched exactly by brute force. Once a partition grows past
-//! [`HNSW_FROM`] vectors, an HNSW graph (hnsw_rs) is built for it and kept up to date; searches
-//! then go through the graph. hnsw_rs has no delete, so removals are tombstones that searches
-//! skip.
+//! [`HNSW_FROM`] vectors, an HNSW graph (`graph.rs`) is built for it in the background and kept
+//! up to date; searches then go through the graph, plus an exact scan of the newest vectors the
+//! graph has not taken in yet. Each vector is held once, in the partition's flat array, which
+//! the graph reads. Removals are tombstones that searches skip; a partition where they
+//! outnumber live vectors is rebuilt.
+
+mod graph;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use hnsw_rs::anndists::dist::Distance;
-use hnsw_rs::hnsw::Hnsw;
 use parking_lot::{Mutex, RwLock};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use graph::{Graph, Vectors};
 
 /// Partitions up to this many vectors are searched exactly; larger ones get an HNSW graph.
 pub const HNSW_FROM: usize = 2048;
-const HNSW_MAX_CONNECTIONS: usize = 16;
-const HNSW_MAX_LAYERS: usize = 16;
-const HNSW_EF_CONSTRUCTION: usize = 200;
-const HNSW_EF_SEARCH: usize = 64;
+/// Candidates a graph search keeps: recall@1 against speed.
+const EF_SEARCH: usize = 64;
 
 /// Opaque key of a partition; the cache derives it from the tenant and the context fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,17 +53,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
-}
-
-/// Cosine distance for unit vectors. Unlike `DistDot`, it clamps rounding error instead of
-/// asserting that the dot product stays at or below 1.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct UnitCosine;
-
-impl Distance<f32> for UnitCosine {
-    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
-        (1.0 - dot(va, vb)).max(0.0)
-    }
 }
 
 #[derive(Default)]
@@ -95,15 +88,29 @@ impl Index {
     /// Adds a vector. It is searchable at once (exactly, until [`Index::catch_up`] adds it to
     /// the partition's graph).
     pub fn insert(&self, partition: PartitionId, entry_id: u64, vector: Vec<f32>) {
-        let partition = {
-            let mut partitions = self.partitions.write();
-            Arc::clone(
-                partitions
-                    .entry(partition)
-                    .or_insert_with(|| Arc::new(Partition::default())),
-            )
-        };
-        partition.insert(entry_id, vector);
+        self.insert_slice(partition, entry_id, &vector);
+    }
+
+    pub fn insert_slice(&self, partition: PartitionId, entry_id: u64, vector: &[f32]) {
+        self.partition(partition).insert(entry_id, vector);
+    }
+
+    /// Makes room for `additional` more vectors in the partition, exactly (a growing array
+    /// would otherwise double, leaving up to half of it unused).
+    pub fn reserve(&self, partition: PartitionId, additional: usize) {
+        self.partition(partition).reserve(additional);
+    }
+
+    fn partition(&self, partition: PartitionId) -> Arc<Partition> {
+        if let Some(found) = self.partitions.read().get(&partition) {
+            return Arc::clone(found);
+        }
+        let mut partitions = self.partitions.write();
+        Arc::clone(
+            partitions
+                .entry(partition)
+                .or_insert_with(|| Arc::new(Partition::default())),
+        )
     }
 
     /// Brings the partition's graph up to date (building it once the partition is large).
@@ -130,11 +137,11 @@ impl Index {
         partitions
             .iter()
             .flat_map(|partition| {
-                let flat = partition.flat.read();
-                (0..flat.entry_ids.len())
-                    .filter(|slot| !flat.removed.contains(slot))
-                    .filter(|slot| dot(query, &flat.vectors[*slot]) >= min_similarity)
-                    .map(|slot| flat.entry_ids[slot])
+                let inner = partition.inner.read();
+                (0..inner.entry_ids.len())
+                    .filter(|slot| !inner.removed.contains(slot))
+                    .filter(|slot| dot(query, inner.vector(*slot)) >= min_similarity)
+                    .map(|slot| inner.entry_ids[slot])
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -148,8 +155,8 @@ impl Index {
         partitions.retain(|_, partition| partition.len() > 0);
         for partition in partitions.values_mut() {
             let needs_compaction = {
-                let flat = partition.flat.read();
-                flat.removed.len() > 64 && flat.removed.len() > flat.entry_ids.len() / 2
+                let inner = partition.inner.read();
+                inner.removed.len() > 64 && inner.removed.len() > inner.entry_ids.len() / 2
             };
             if needs_compaction {
                 *partition = Arc::new(partition.compacted());
@@ -174,124 +181,181 @@ impl Index {
     }
 }
 
-#[derive(Default)]
 struct Partition {
-    /// Serialises graph maintenance, so that the graph holds exactly the slots below its length.
-    graph_lock: Mutex<()>,
-    flat: RwLock<Flat>,
-    graph: RwLock<Option<Arc<Hnsw<'static, f32, UnitCosine>>>>,
+    /// Serialises graph maintenance, and draws the levels of new graph nodes.
+    building: Mutex<StdRng>,
+    inner: RwLock<Inner>,
 }
 
-/// Every vector of a partition, by slot; a slot is the vector's id inside the graph.
+impl Default for Partition {
+    fn default() -> Self {
+        Self {
+            building: Mutex::new(StdRng::seed_from_u64(0x5eed)),
+            inner: RwLock::default(),
+        }
+    }
+}
+
+/// Every vector of a partition, by slot (a slot is also the vector's node in the graph), and
+/// the graph over the first `graph.len()` slots.
 #[derive(Default)]
-struct Flat {
+struct Inner {
+    dims: usize,
     entry_ids: Vec<u64>,
-    vectors: Vec<Vec<f32>>,
+    /// The vectors, `dims` floats per slot.
+    vectors: Vec<f32>,
     removed: HashSet<usize>,
     slot_of: HashMap<u64, usize>,
+    graph: Option<Graph>,
+    /// Vectors reserved for before the first one told their size.
+    pending_reserve: usize,
+}
+
+impl Inner {
+    fn vector(&self, slot: usize) -> &[f32] {
+        &self.vectors[slot * self.dims..(slot + 1) * self.dims]
+    }
+
+    fn vectors(&self) -> Vectors<'_> {
+        Vectors {
+            flat: &self.vectors,
+            dims: self.dims,
+        }
+    }
 }
 
 impl Partition {
     fn len(&self) -> usize {
-        let flat = self.flat.read();
-        flat.entry_ids.len() - flat.removed.len()
+        let inner = self.inner.read();
+        inner.entry_ids.len() - inner.removed.len()
     }
 
     fn top(&self, query: &[f32], limit: usize) -> Vec<Nearest> {
-        let graph = self.graph.read().clone();
-        let flat = self.flat.read();
-        let candidate = |slot: usize| Nearest {
-            entry_id: flat.entry_ids[slot],
-            similarity: dot(query, &flat.vectors[slot]),
+        let inner = self.inner.read();
+        if query.len() != inner.dims {
+            return Vec::new();
+        }
+        let candidate = |slot: usize, similarity: f32| Nearest {
+            entry_id: inner.entry_ids[slot],
+            similarity,
         };
         let mut found: Vec<Nearest> = Vec::new();
+        let graph_len = inner.graph.as_ref().map_or(0, Graph::len);
+        if let Some(graph) = &inner.graph {
+            // Extra candidates, so that tombstones cannot crowd out live ones.
+            let ef = EF_SEARCH.max(limit + inner.removed.len().min(EF_SEARCH));
+            found.extend(
+                graph
+                    .search(inner.vectors(), query, ef)
+                    .into_iter()
+                    .filter(|(slot, _)| !inner.removed.contains(slot))
+                    .map(|(slot, similarity)| candidate(slot, similarity)),
+            );
+        }
         // The graph may lag behind the newest inserts: those are searched exactly.
-        let graph_len = match graph {
-            Some(graph) => {
-                let graph_len = graph.get_nb_point();
-                // Ask for extra neighbours so that tombstones cannot crowd out live ones.
-                let wanted = (limit + flat.removed.len()).min(graph_len);
-                found.extend(
-                    graph
-                        .search(query, wanted, HNSW_EF_SEARCH.max(wanted))
-                        .into_iter()
-                        .filter(|n| !flat.removed.contains(&n.d_id))
-                        .map(|n| candidate(n.d_id)),
-                );
-                graph_len
-            }
-            None => 0,
-        };
         found.extend(
-            (graph_len..flat.entry_ids.len())
-                .filter(|slot| !flat.removed.contains(slot))
-                .map(candidate),
+            (graph_len..inner.entry_ids.len())
+                .filter(|slot| !inner.removed.contains(slot))
+                .map(|slot| candidate(slot, dot(query, inner.vector(slot)))),
         );
         found.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
         found.truncate(limit);
         found
     }
 
-    fn insert(&self, entry_id: u64, vector: Vec<f32>) {
-        let mut flat = self.flat.write();
-        let slot = flat.entry_ids.len();
-        flat.entry_ids.push(entry_id);
-        flat.vectors.push(vector);
-        flat.slot_of.insert(entry_id, slot);
+    fn reserve(&self, additional: usize) {
+        let mut inner = self.inner.write();
+        inner.entry_ids.reserve_exact(additional);
+        inner.slot_of.reserve(additional);
+        if inner.dims > 0 {
+            let floats = additional * inner.dims;
+            inner.vectors.reserve_exact(floats);
+        } else {
+            inner.pending_reserve = additional;
+        }
+    }
+
+    fn insert(&self, entry_id: u64, vector: &[f32]) {
+        let mut inner = self.inner.write();
+        if inner.entry_ids.is_empty() {
+            inner.dims = vector.len();
+            let floats = inner.pending_reserve * inner.dims;
+            inner.vectors.reserve_exact(floats);
+        }
+        if vector.len() != inner.dims {
+            tracing::error!(
+                expected = inner.dims,
+                got = vector.len(),
+                "vector of the wrong size not indexed"
+            );
+            return;
+        }
+        let slot = inner.entry_ids.len();
+        inner.entry_ids.push(entry_id);
+        if inner.vectors.len() + vector.len() > inner.vectors.capacity() {
+            // Grow by an eighth, not by doubling: the vectors are most of the cache's memory.
+            let floats = (inner.entry_ids.len() / 8).max(64) * inner.dims;
+            inner.vectors.reserve_exact(floats);
+        }
+        inner.vectors.extend_from_slice(vector);
+        inner.slot_of.insert(entry_id, slot);
     }
 
     /// Adds to the graph every vector it does not hold yet, building it once the partition is
-    /// large enough.
+    /// large enough. Each node is planned under the read lock (the slow part) and linked under
+    /// the write lock (the short part), so searches and inserts wait at most for one linking.
     fn catch_up(&self) {
-        let _serial = self.graph_lock.lock();
-        let graph = self.graph.read().clone();
-        match graph {
-            Some(graph) => {
-                let from = graph.get_nb_point();
-                let flat = self.flat.read();
-                // Copies, so that request-path inserts into `flat` are not held up by the graph.
-                let points: Vec<(Vec<f32>, usize)> = (from..flat.vectors.len())
-                    .map(|slot| (flat.vectors[slot].clone(), slot))
-                    .collect();
-                drop(flat);
-                for (vector, slot) in &points {
-                    graph.insert((vector, *slot));
-                }
-            }
-            None => {
-                let flat = self.flat.read();
-                if flat.vectors.len() < HNSW_FROM {
+        let mut rng = self.building.lock();
+        {
+            let mut inner = self.inner.write();
+            if inner.graph.is_none() {
+                if inner.entry_ids.len() < HNSW_FROM {
                     return;
                 }
-                let graph = Hnsw::new(
-                    HNSW_MAX_CONNECTIONS,
-                    flat.vectors.len() * 2,
-                    HNSW_MAX_LAYERS,
-                    HNSW_EF_CONSTRUCTION,
-                    UnitCosine,
+                inner.graph = Some(Graph::default());
+            }
+        }
+        loop {
+            let level = graph::random_level(&mut *rng);
+            let plan = {
+                let inner = self.inner.read();
+                let Some(graph) = &inner.graph else { return };
+                if graph.len() >= inner.entry_ids.len() {
+                    return;
+                }
+                graph.plan(inner.vectors(), level)
+            };
+            let mut inner = self.inner.write();
+            let Inner {
+                vectors, dims, graph, ..
+            } = &mut *inner;
+            if let Some(graph) = graph {
+                graph.apply(
+                    Vectors {
+                        flat: vectors,
+                        dims: *dims,
+                    },
+                    plan,
                 );
-                let points: Vec<(&Vec<f32>, usize)> = flat.vectors.iter().zip(0..).collect();
-                graph.parallel_insert(&points);
-                drop(flat);
-                *self.graph.write() = Some(Arc::new(graph));
             }
         }
     }
 
     /// A copy holding only the live vectors, without a graph.
     fn compacted(&self) -> Partition {
-        let flat = self.flat.read();
+        let inner = self.inner.read();
         let fresh = Partition::default();
-        for slot in (0..flat.entry_ids.len()).filter(|slot| !flat.removed.contains(slot)) {
-            fresh.insert(flat.entry_ids[slot], flat.vectors[slot].clone());
+        fresh.reserve(inner.entry_ids.len() - inner.removed.len());
+        for slot in (0..inner.entry_ids.len()).filter(|slot| !inner.removed.contains(slot)) {
+            fresh.insert(inner.entry_ids[slot], inner.vector(slot));
         }
         fresh
     }
 
     fn remove(&self, entry_id: u64) {
-        let mut flat = self.flat.write();
-        if let Some(slot) = flat.slot_of.remove(&entry_id) {
-            flat.removed.insert(slot);
+        let mut inner = self.inner.write();
+        if let Some(slot) = inner.slot_of.remove(&entry_id) {
+            inner.removed.insert(slot);
         }
     }
 }
@@ -347,9 +411,10 @@ mod tests {
         }
         index.catch_up(&p);
         let partition = index.partitions.read().get(&p).cloned().unwrap();
-        assert!(
-            partition.graph.read().is_some(),
-            "a graph is built past HNSW_FROM"
+        assert_eq!(
+            partition.inner.read().graph.as_ref().map(Graph::len),
+            Some(vectors.len()),
+            "a graph of every vector is built past HNSW_FROM"
         );
         let mut agree = 0;
         for _ in 0..100 {
@@ -381,17 +446,36 @@ mod tests {
         index.compact();
         let partitions = index.partitions.read();
         assert_eq!(partitions.len(), 1, "the empty partition is gone");
-        let flat = partitions[&p].flat.read();
-        assert_eq!((flat.entry_ids.len(), flat.removed.len()), (50, 0));
-        drop(flat);
+        let inner = partitions[&p].inner.read();
+        assert_eq!((inner.entry_ids.len(), inner.removed.len()), (50, 0));
+        drop(inner);
         drop(partitions);
         assert_eq!(index.nearest(&p, &[0.0, 1.0]).map(|n| n.entry_id), Some(199));
         assert_eq!(index.within(&[1.0, 0.0], -1.0).len(), 50);
     }
 
     #[test]
-    fn unit_cosine_never_goes_negative() {
-        let v = [0.6f32, 0.8000001];
-        assert!(UnitCosine.eval(&v, &v) >= 0.0);
+    fn tombstones_in_the_graph_are_skipped_and_links_stay_small() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let dims = 16;
+        let index = Index::new();
+        let p = PartitionId([4; 32]);
+        let vectors: Vec<Vec<f32>> = (0..HNSW_FROM + 50).map(|_| unit(&mut rng, dims)).collect();
+        for (id, v) in vectors.iter().enumerate() {
+            index.insert(p, id as u64, v.clone());
+        }
+        index.catch_up(&p);
+        for id in 0..100u64 {
+            index.remove(&p, id);
+            let found = index.nearest(&p, &vectors[id as usize]).unwrap();
+            assert_ne!(found.entry_id, id, "a removed vector is never found");
+        }
+        let partition = index.partitions.read().get(&p).cloned().unwrap();
+        let link_bytes = partition.inner.read().graph.as_ref().unwrap().link_bytes();
+        assert!(
+            link_bytes / vectors.len() <= 200,
+            "{} bytes of links per node",
+            link_bytes / vectors.len()
+        );
     }
 }

@@ -12,6 +12,21 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 pub use record::Record;
+
+/// redb's page cache.
+const STORE_CACHE_BYTES: usize = 32 << 20;
+
+/// Every record in the store, with its embedding (if any) moved out into one array.
+///
+/// Decoded one by one, each embedding would otherwise stay a small allocation of its own until
+/// the whole store is loaded; freed after that, those allocations leave the allocator's heap
+/// full of holes and the process's resident memory high. One array is one allocation, handed
+/// back to the system whole when loading is done.
+pub struct Loaded {
+    /// Each record (its `embedding` taken out) and where its vector is in `vectors`.
+    pub records: Vec<(Record, Option<std::ops::Range<usize>>)>,
+    pub vectors: Vec<f32>,
+}
 pub use writer::{Durability, Writer};
 
 /// Version of the on-disk format this build reads and writes.
@@ -109,7 +124,12 @@ impl Store {
             message,
         };
         std::fs::create_dir_all(data_dir).map_err(|err| open_error(err.to_string()))?;
-        let db = Database::create(&path).map_err(|err| open_error(err.to_string()))?;
+        // The store is read whole once, at start, and then only written: redb's default 1 GiB
+        // page cache would keep much of what start-up read, for nothing.
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|err| open_error(err.to_string()))?;
         let store = Self { db, path };
         store.check_version()?;
         Ok(store)
@@ -147,13 +167,17 @@ impl Store {
         &self.path
     }
 
-    /// Reads every record, calling `progress(done, total)` as it goes.
-    pub fn load(&self, mut progress: impl FnMut(usize, usize)) -> Result<Vec<Record>, Error> {
+    /// Reads every record, calling `progress(done, total)` as it goes. Embeddings are moved
+    /// into one array as they are read (see [`Loaded`]).
+    pub fn load(&self, mut progress: impl FnMut(usize, usize)) -> Result<Loaded, Error> {
         let txn = self.db.begin_read().map_err(db_error)?;
         let entries = txn.open_table(ENTRIES).map_err(db_error)?;
         let usage = txn.open_table(USAGE).map_err(db_error)?;
         let total = entries.len().map_err(db_error)? as usize;
-        let mut records = Vec::with_capacity(total);
+        let mut loaded = Loaded {
+            records: Vec::with_capacity(total),
+            vectors: Vec::new(),
+        };
         for (done, row) in entries.iter().map_err(db_error)?.enumerate() {
             let (id, bytes) = row.map_err(db_error)?;
             let id = id.value();
@@ -162,10 +186,18 @@ impl Store {
             if let Some(counts) = usage.get(id).map_err(db_error)? {
                 Usage::apply(counts.value(), &mut record);
             }
-            records.push(record);
+            let vector = record.embedding.take().map(|embedding| {
+                if loaded.vectors.capacity() == 0 {
+                    loaded.vectors.reserve_exact(total * embedding.len());
+                }
+                let start = loaded.vectors.len();
+                loaded.vectors.extend_from_slice(&embedding);
+                start..loaded.vectors.len()
+            });
+            loaded.records.push((record, vector));
             progress(done + 1, total);
         }
-        Ok(records)
+        Ok(loaded)
     }
 
     /// Applies changes in one transaction, durable (fsynced) when this returns.
@@ -253,14 +285,16 @@ mod tests {
             store.apply(&ops).unwrap();
         }
         let store = Store::open(&dir).unwrap();
-        let records = store.load(|_, _| {}).unwrap();
-        assert_eq!(records.len(), 1);
+        let loaded = store.load(|_, _| {}).unwrap();
+        assert_eq!(loaded.records.len(), 1);
+        let (mut record, vector) = loaded.records.into_iter().next().unwrap();
+        record.embedding = vector.map(|range| loaded.vectors[range].to_vec());
         let mut expected = Record::sample(2);
         expected.hits = 5;
         expected.last_hit_ms = 77;
         expected.own_threshold = 0.91;
         expected.wrong_reports = 1;
-        assert_eq!(records[0], expected);
+        assert_eq!(record, expected);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
