@@ -203,6 +203,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_PRICES")]
     pub prices: Option<PathBuf>,
 
+    /// Proxied requests handled at once; 0: no bound. Past it, requests wait for a turn.
+    #[arg(long, env = "SEMCACHE_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
+    /// Requests that may wait for a turn; past it, 503 with `Retry-After` at once.
+    #[arg(long, env = "SEMCACHE_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+
+    /// Longest wait for a turn, in milliseconds; then 503 with `Retry-After`.
+    #[arg(long, env = "SEMCACHE_MAX_WAIT_MS", default_value_t = 1000)]
+    pub max_wait_ms: u64,
+
     /// Threads running embedding passes (each batches what has queued); 0: one per core.
     #[arg(long, env = "SEMCACHE_EMBED_WORKERS", default_value_t = 0)]
     pub embed_workers: usize,

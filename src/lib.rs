@@ -97,6 +97,11 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         scope: args.scope,
         max_body_bytes: args.max_body_bytes,
         admin_token: args.admin_token.as_deref().map(Arc::from),
+        admission: Arc::new(http::admission::Admission::new(
+            args.max_in_flight,
+            args.max_waiting,
+            std::time::Duration::from_millis(args.max_wait_ms),
+        )),
     };
     if state.admin_token.is_none() {
         tracing::warn!("no --admin-token: admin routes, /stats and /metrics answer only to loopback clients");

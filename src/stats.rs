@@ -179,6 +179,7 @@ pub struct Interval {
 pub struct Stats {
     prices: PriceTable,
     rejected: AtomicU64,
+    shed: AtomicU64,
     exact_hits: AtomicU64,
     semantic_hits: AtomicU64,
     misses: AtomicU64,
@@ -268,6 +269,8 @@ struct History {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub rejected: u64,
+    /// Requests turned away with 503 under overload.
+    pub shed: u64,
     pub requests: u64,
     pub hits: u64,
     pub exact_hits: u64,
@@ -334,6 +337,11 @@ impl Stats {
     /// A request refused before it reached the cache (bad body, bad header).
     pub fn record_rejected(&self) {
         self.rejected.fetch_add(1, Relaxed);
+    }
+
+    /// A request turned away with 503 because the service was overloaded.
+    pub fn record_shed(&self) {
+        self.shed.fetch_add(1, Relaxed);
     }
 
     /// A request answered from the cache. `saved_latency` is the stored answer's upstream time
@@ -488,6 +496,7 @@ impl Stats {
         by_tenant.sort_by_key(|(tenant, _)| tenant.0);
         Snapshot {
             rejected: self.rejected.load(Relaxed),
+            shed: self.shed.load(Relaxed),
             requests: exact_hits + semantic_hits + misses + bypassed,
             hits: exact_hits + semantic_hits,
             exact_hits,

@@ -1,6 +1,7 @@
 //! Errors as clients see them: OpenAI's error shape, so that OpenAI SDKs parse them.
 
-use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -30,7 +31,12 @@ pub enum ApiError {
     Embedding(#[from] crate::embed::Error),
     #[error("could not save the settings")]
     Persist(#[from] crate::settings::Error),
+    #[error("semcache is overloaded: too many requests in flight and waiting. Retry after {OVERLOAD_RETRY_AFTER_SECS} s.")]
+    Overloaded,
 }
+
+/// What an overloaded service tells clients to wait, in seconds.
+pub const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
 
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<String>) {
@@ -86,6 +92,12 @@ impl ApiError {
             ),
             ApiError::Embedding(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
             ApiError::Persist(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            ApiError::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("overloaded"),
+                None,
+            ),
         }
     }
 }
@@ -120,6 +132,12 @@ impl IntoResponse for ApiError {
                 other.to_string()
             }
         };
-        (status, Json(error_body(&message, kind, code, param.as_deref()))).into_response()
+        let mut response = (status, Json(error_body(&message, kind, code, param.as_deref()))).into_response();
+        if matches!(self, ApiError::Overloaded) {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(OVERLOAD_RETRY_AFTER_SECS));
+        }
+        response
     }
 }

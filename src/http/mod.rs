@@ -1,6 +1,7 @@
 //! The HTTP edge: axum routers and the shared application state. Only this module knows axum.
 
 mod admin;
+pub mod admission;
 mod error;
 mod openai;
 mod stats;
@@ -33,6 +34,7 @@ pub struct AppState {
     pub scope: Scope,
     pub max_body_bytes: usize,
     pub admin_token: Option<Arc<str>>,
+    pub admission: Arc<admission::Admission>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -48,12 +50,16 @@ pub fn router(state: AppState) -> Router {
         .route("/stats", get(stats::stats))
         .route("/metrics", get(stats::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin::guard));
+    // Proxied calls are shed under overload; health, feedback and operator routes never are.
+    let proxied = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/{*rest}", any(openai::forward))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admission::admit));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/dashboard", get(dashboard))
-        .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/semcache/feedback", post(openai::feedback))
-        .route("/v1/{*rest}", any(openai::forward))
+        .merge(proxied)
         .merge(operator)
         .layer(TraceLayer::new_for_http())
         .with_state(state)

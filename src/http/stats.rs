@@ -50,6 +50,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "misses": s.misses,
         "bypassed": s.bypassed,
         "rejected": s.rejected,
+        "shed": s.shed,
         "hit_rate": (s.hit_rate() * 10_000.0).round() / 10_000.0,
         "upstream_calls": s.upstream_calls,
         "upstream_errors": s.upstream_errors,
@@ -120,6 +121,12 @@ fn prometheus_text(s: &Snapshot, entries: usize, threshold: f32, hit_sum: f64, n
         "counter",
         "Requests refused before the cache (bad body or header).",
         &plain(s.rejected as f64),
+    );
+    family(
+        "semcache_shed_requests_total",
+        "counter",
+        "Requests turned away with 503 because the service was overloaded.",
+        &plain(s.shed as f64),
     );
     family(
         "semcache_upstream_calls_total",

@@ -4,76 +4,30 @@
 //!
 //! `SEMCACHE_CRASH_LOOPS=200 cargo test --test it crash -- --nocapture` runs a longer loop.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::support::{chat_body, fresh_data_dir, model_dir, Reply, TestUpstream, KEY_A};
+use crate::support::{chat_body, fresh_data_dir, spawn_binary, Process, Reply, TestUpstream, KEY_A};
 
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-/// Starts the binary and waits for the line that says where it listens.
 fn spawn(upstream: &str, data_dir: &Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_semcache"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
+    let data_dir = data_dir.to_str().unwrap();
+    spawn_binary(
+        &[
             "--threshold",
             "1.0",
             "--upstream",
             upstream,
-        ])
-        .arg("--model-dir")
-        .arg(model_dir())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the semcache binary starts");
-    let output = Arc::new(Mutex::new(Vec::new()));
-    let (found, listen) = mpsc::channel();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let output = Arc::clone(&output);
-        let found = found.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if line.contains("semcache is serving") {
-                    let addr = line
-                        .split("listen=")
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next());
-                    let _ = found.send(addr.unwrap_or_default().to_owned());
-                }
-                output.lock().push(line);
-            }
-        });
-    }
-    let addr = listen
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("semcache did not start:\n{}", output.lock().join("\n")));
-    Process {
-        child,
-        addr: addr.parse().unwrap(),
-        output,
-    }
+            "--data-dir",
+            data_dir,
+        ],
+        &[("RUST_LOG", "info")],
+    )
 }
 
 async fn ask(client: &reqwest::Client, addr: SocketAddr, prompt: &str) -> Result<Reply, reqwest::Error> {

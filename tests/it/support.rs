@@ -380,3 +380,59 @@ pub fn stream_body(prompt: &str) -> Value {
     body["stream"] = json!(true);
     body
 }
+
+/// The real binary, running `serve` in a child process.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Every line it printed, stdout and stderr.
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts `semcache serve --listen 127.0.0.1:0 --model-dir … ARGS` with `envs`, and waits for
+/// the line that says where it listens.
+pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> Process {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_semcache"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--model-dir")
+        .arg(model_dir())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the semcache binary starts");
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let (found, listen) = std::sync::mpsc::channel();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let output = Arc::clone(&output);
+        let found = found.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if line.contains("semcache is serving") {
+                    let addr = line
+                        .split("listen=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next());
+                    let _ = found.send(addr.unwrap_or_default().to_owned());
+                }
+                output.lock().push(line);
+            }
+        });
+    }
+    let addr = listen
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("semcache did not start:\n{}", output.lock().join("\n")));
+    Process {
+        child,
+        addr: addr.parse().unwrap(),
+        output,
+    }
+}
