@@ -215,6 +215,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_MAX_WAIT_MS", default_value_t = 1000)]
     pub max_wait_ms: u64,
 
+    /// Seconds requests in flight get to finish after SIGTERM/SIGINT; then they are dropped and
+    /// the store is closed.
+    #[arg(long, env = "SEMCACHE_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// Threads running embedding passes (each batches what has queued); 0: one per core.
     #[arg(long, env = "SEMCACHE_EMBED_WORKERS", default_value_t = 0)]
     pub embed_workers: usize,

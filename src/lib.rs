@@ -31,7 +31,7 @@ pub mod store;
 pub mod upstream;
 pub mod verify;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -53,6 +53,8 @@ pub struct App {
     pub settings: SharedSettings,
     pub cache: Arc<Cache>,
     pub stats: Arc<Stats>,
+    /// How long requests in flight may take to finish once shutdown starts.
+    pub shutdown_grace: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         settings: state.settings.clone(),
         cache: Arc::clone(&state.cache),
         stats: Arc::clone(&state.stats),
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_secs),
         router: http::router(state),
     })
 }
@@ -166,12 +169,35 @@ pub async fn run(
             tokio::time::sleep(MAINTENANCE_INTERVAL).await;
         }
     });
-    let served = axum::serve(
+    // Once the signal comes, no new connections are taken and requests in flight get the
+    // grace period to finish; then whatever is left is dropped, and the store is closed either
+    // way, so every acknowledged entry is on disk.
+    let (signalled, signal) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled.send(());
+    };
+    let serving = axum::serve(
         listener,
         app.router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await;
+    .into_future();
+    let grace = app.shutdown_grace;
+    let grace_over = async move {
+        if signal.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = tokio::select! {
+        served = serving => served,
+        () = grace_over => {
+            tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period are dropped");
+            Ok(())
+        }
+    };
     ticker.abort();
     upkeep.abort();
     if let Err(err) = app.cache.close_store().await {

@@ -180,6 +180,7 @@ pub struct Stats {
     prices: PriceTable,
     rejected: AtomicU64,
     shed: AtomicU64,
+    cache_failures: AtomicU64,
     exact_hits: AtomicU64,
     semantic_hits: AtomicU64,
     misses: AtomicU64,
@@ -271,6 +272,8 @@ pub struct Snapshot {
     pub rejected: u64,
     /// Requests turned away with 503 under overload.
     pub shed: u64,
+    /// Requests forwarded without the cache because embedding or lookup failed.
+    pub cache_failures: u64,
     pub requests: u64,
     pub hits: u64,
     pub exact_hits: u64,
@@ -337,6 +340,11 @@ impl Stats {
     /// A request refused before it reached the cache (bad body, bad header).
     pub fn record_rejected(&self) {
         self.rejected.fetch_add(1, Relaxed);
+    }
+
+    /// A request forwarded as a plain proxy because the cache failed (fail-open).
+    pub fn record_cache_failure(&self) {
+        self.cache_failures.fetch_add(1, Relaxed);
     }
 
     /// A request turned away with 503 because the service was overloaded.
@@ -497,6 +505,7 @@ impl Stats {
         Snapshot {
             rejected: self.rejected.load(Relaxed),
             shed: self.shed.load(Relaxed),
+            cache_failures: self.cache_failures.load(Relaxed),
             requests: exact_hits + semantic_hits + misses + bypassed,
             hits: exact_hits + semantic_hits,
             exact_hits,

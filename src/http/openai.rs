@@ -172,6 +172,7 @@ pub async fn chat_completions(
                 // The cache failing must not fail the call: act as a plain proxy.
                 tracing::error!(error = %err, "lookup failed; forwarding without the cache");
                 state.stats.record_bypass(&request.model, tenant);
+                state.stats.record_cache_failure();
                 return forward_chat(&state, &headers, bytes).await;
             }
         }
@@ -342,6 +343,11 @@ impl Miss {
                     break 'read;
                 }
                 let usage_only = assembler.push(&data);
+                if let Some(broken) = assembler.broken() {
+                    // Garbage is not passed on: the client's SDK would fail on it anyway.
+                    failure = Some(broken.to_string());
+                    break 'read;
+                }
                 if include_usage || !usage_only {
                     client.send(sse::event(&data)).await;
                 }

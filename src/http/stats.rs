@@ -51,6 +51,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "bypassed": s.bypassed,
         "rejected": s.rejected,
         "shed": s.shed,
+        "cache_failures": s.cache_failures,
         "hit_rate": (s.hit_rate() * 10_000.0).round() / 10_000.0,
         "upstream_calls": s.upstream_calls,
         "upstream_errors": s.upstream_errors,
@@ -127,6 +128,12 @@ fn prometheus_text(s: &Snapshot, entries: usize, threshold: f32, hit_sum: f64, n
         "counter",
         "Requests turned away with 503 because the service was overloaded.",
         &plain(s.shed as f64),
+    );
+    family(
+        "semcache_cache_failures_total",
+        "counter",
+        "Requests forwarded without the cache because embedding or lookup failed.",
+        &plain(s.cache_failures as f64),
     );
     family(
         "semcache_upstream_calls_total",

@@ -96,6 +96,13 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Why the stream can no longer be assembled, once a chunk was not JSON.
+    pub fn broken(&self) -> Option<&Incomplete> {
+        self.error
+            .as_ref()
+            .filter(|e| matches!(e, Incomplete::BadChunk(_)))
+    }
+
     /// Takes one chunk's JSON. Returns whether it is only a usage report (no choices), which
     /// clients that did not ask for usage should not see.
     pub fn push(&mut self, data: &str) -> bool {

@@ -32,6 +32,10 @@ pub enum Mode {
     BrokenStream,
     /// Streams the whole answer and `[DONE]`, but no choice has a finish_reason.
     UnfinishedStream,
+    /// Streams a chunk that is not JSON, then the rest and `[DONE]`.
+    GarbageStream,
+    /// Streams part of the answer, then sends nothing more and never closes.
+    StalledStream,
 }
 
 #[derive(Default)]
@@ -154,11 +158,24 @@ async fn chat(
         .iter()
         .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
         .collect();
-    if mode == Mode::BrokenStream {
-        frames.truncate(2);
-        frames.push(Err(std::io::Error::other("connection reset by test upstream")));
-    } else {
-        frames.push(Ok(Bytes::from("data: [DONE]\n\n")));
+    match mode {
+        Mode::BrokenStream => {
+            frames.truncate(2);
+            frames.push(Err(std::io::Error::other("connection reset by test upstream")));
+        }
+        Mode::GarbageStream => {
+            frames.insert(2, Ok(Bytes::from("data: {\"choices\": [{\"delta\": oops\n\n")));
+            frames.push(Ok(Bytes::from("data: [DONE]\n\n")));
+        }
+        Mode::StalledStream => {
+            frames.truncate(2);
+            let stream = futures::stream::iter(frames).chain(futures::stream::pending());
+            return Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
+        _ => frames.push(Ok(Bytes::from("data: [DONE]\n\n"))),
     }
     // Frames go out one by one with a pause, as a real model's tokens do.
     let stream = futures::stream::iter(frames).then(|frame| async move {
@@ -219,12 +236,20 @@ impl Semcache {
     }
 
     pub async fn start_with(upstream: &TestUpstream, configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::start_with_embedder(upstream, embedder(), configure).await
+    }
+
+    pub async fn start_with_embedder(
+        upstream: &TestUpstream,
+        embedder: Arc<dyn Embedder>,
+        configure: impl FnOnce(&mut ServeArgs),
+    ) -> Self {
         let mut args = ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
         args.model_dir = model_dir();
         args.data_dir = fresh_data_dir();
         configure(&mut args);
         args.validate().unwrap();
-        let app = semcache::app(&args, embedder()).unwrap();
+        let app = semcache::app(&args, embedder).unwrap();
         let settings = app.settings.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,0 +1,146 @@
+//! Upstream faults: whatever the upstream does, the client gets a clear answer or a clearly
+//! broken stream, and nothing incomplete is stored.
+
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use semcache::embed::{self, Embedder};
+
+use crate::support::{chat_body, stream_body, Mode, Semcache, TestUpstream};
+
+/// A model that always fails, as a corrupt model file or an out-of-memory would.
+struct BrokenModel;
+
+impl Embedder for BrokenModel {
+    fn dimensions(&self) -> usize {
+        384
+    }
+
+    fn embed(&self, _texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
+        Err(embed::Error::Task("the model is broken".to_owned()))
+    }
+}
+
+#[tokio::test]
+async fn a_failing_model_degrades_to_a_plain_proxy_and_is_counted() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with_embedder(&upstream, Arc::new(BrokenModel), |_| {}).await;
+    for _ in 0..2 {
+        let reply = semcache
+            .chat(&chat_body("What is the boiling point of water?"))
+            .await;
+        assert_eq!(reply.status, 200, "the call still succeeds");
+        assert!(reply.content().starts_with("Answer #"), "{}", reply.content());
+    }
+    assert_eq!(upstream.chat_calls(), 2, "nothing could be cached");
+    let stats = semcache.get_json("/stats").await;
+    assert_eq!(stats["cache_failures"], 2, "{stats}");
+    assert_eq!(stats["bypassed"], 2, "{stats}");
+    let metrics = semcache
+        .http
+        .get(semcache.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("semcache_cache_failures_total 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_slow_upstream_times_out_with_504_and_nothing_is_stored() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with(&upstream, |args| args.upstream_timeout_secs = 1).await;
+    upstream.set_delay(Duration::from_millis(1500));
+    let started = Instant::now();
+    let late = semcache.chat(&chat_body("What is the speed of light?")).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(late.status, 504);
+    assert_eq!(late.json()["error"]["code"], "upstream_timeout");
+    assert_eq!(late.json()["error"]["type"], "upstream_error");
+
+    upstream.set_delay(Duration::ZERO);
+    assert_eq!(
+        semcache
+            .chat(&chat_body("What is the speed of light?"))
+            .await
+            .cache(),
+        "miss",
+        "the timed-out call stored nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_or_garbled_stream_ends_with_an_error_and_is_not_stored() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with(&upstream, |args| args.upstream_timeout_secs = 1).await;
+    let body = stream_body("Name the planets of the solar system.");
+
+    for mode in [Mode::StalledStream, Mode::GarbageStream] {
+        upstream.set_mode(mode);
+        let reply = semcache.chat(&body).await;
+        let events = reply.sse_events();
+        assert_ne!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "{mode:?}: {events:?}"
+        );
+        assert!(
+            events.last().is_some_and(|e| e.contains("\"error\"")),
+            "{mode:?} ends with an error event: {events:?}"
+        );
+    }
+
+    upstream.set_mode(Mode::Normal);
+    assert_eq!(semcache.chat(&body).await.cache(), "miss", "neither was stored");
+    assert_eq!(semcache.chat(&body).await.cache(), "hit");
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_that_names_no_address() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with(&upstream, |args| {
+        args.upstream = format!("http://127.0.0.1:{port}/v1");
+    })
+    .await;
+    let reply = semcache.chat(&chat_body("Is anyone there?")).await;
+    assert_eq!(reply.status, 502);
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "upstream_unreachable");
+    assert!(!error.to_string().contains(&port.to_string()), "{error}");
+    assert_eq!(semcache.get_json("/stats").await["entries"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_stream_does_not_lose_the_answer_for_others() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start(&upstream).await;
+    let prompt = "Explain photosynthesis in one paragraph.";
+    let leaving = semcache
+        .http
+        .post(semcache.url("/v1/chat/completions"))
+        .bearer_auth(crate::support::KEY_A)
+        .json(&stream_body(prompt))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leaving.status(), 200);
+    // Headers received, stream begun: the client goes away.
+    drop(leaving);
+    let other = semcache.chat(&chat_body(prompt)).await;
+    assert_eq!(other.status, 200);
+    assert!(other.content().starts_with("Answer #1"), "{}", other.content());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = semcache.chat(&chat_body(prompt)).await;
+    assert_eq!(later.cache(), "hit", "the stream was read to the end and stored");
+    assert_eq!(upstream.chat_calls(), 1);
+}
