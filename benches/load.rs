@@ -159,8 +159,8 @@ struct Options {
     /// With --target: the process whose resident memory to report.
     #[arg(long, requires = "target")]
     pid: Option<u32>,
-    /// Bearer key sent with every request.
-    #[arg(long, default_value = "sk-load")]
+    /// Bearer key sent with every request (hidden in the printed command line).
+    #[arg(long, env = "LOAD_API_KEY", hide_env_values = true, default_value = "sk-load")]
     api_key: String,
     /// Response header that marks a hit, `NAME` (present) or `NAME=VALUE`.
     #[arg(long, default_value = "x-semcache=hit")]
@@ -821,7 +821,7 @@ async fn run(options: &Options) -> anyhow::Result<Report> {
         rows.push(row);
     }
 
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = redacted_command_line();
     let endpoint = match &options.target {
         Some(target) => format!("{target} (running)"),
         None => format!(
@@ -898,4 +898,24 @@ fn main() -> anyhow::Result<()> {
         assert!(ratio(0.0).achieved_hit_ratio <= 0.5, "{:?}", ratio(0.0));
     }
     Ok(())
+}
+
+/// The command line as typed, with the value of `--api-key` hidden: it is a secret, and the
+/// command line is printed with every result.
+fn redacted_command_line() -> String {
+    let mut hide_next = false;
+    std::env::args()
+        .map(|arg| {
+            if std::mem::take(&mut hide_next) {
+                return "<hidden>".to_owned();
+            }
+            if arg == "--api-key" {
+                hide_next = true;
+            } else if arg.starts_with("--api-key=") {
+                return "--api-key=<hidden>".to_owned();
+            }
+            arg
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

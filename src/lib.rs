@@ -22,6 +22,8 @@ pub mod cache;
 pub mod config;
 pub mod embed;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod index;
 pub mod openai;

@@ -193,9 +193,15 @@ impl Assembler {
                 message.insert("refusal".into(), Value::String(refusal));
             }
             if !state.tool_calls.is_empty() {
+                // In stream order of their `index`, which a whole message has no field for.
+                let mut calls = state.tool_calls;
+                calls.sort_by_key(|call| call.get("index").and_then(Value::as_u64));
+                for call in &mut calls {
+                    call.remove("index");
+                }
                 message.insert(
                     "tool_calls".into(),
-                    Value::Array(state.tool_calls.into_iter().map(Value::Object).collect()),
+                    Value::Array(calls.into_iter().map(Value::Object).collect()),
                 );
             }
             choices.push(json!({

@@ -7,6 +7,7 @@ mod embedding;
 mod eval;
 mod faults;
 mod fingerprint;
+mod fuzz_corpus;
 mod overload;
 mod proxy;
 mod quality;
