@@ -50,7 +50,7 @@
 //!   arrived during a stall are never timed ("coordinated omission") and the percentiles look
 //!   better than any user saw. At most `--concurrency` requests are in flight; a request that
 //!   finds them all busy waits in this tool, and that wait counts in its latency.
-//! - Before each ratio, `--concurrency` requests with fresh prompts (not counted) open the
+//! - Before each ratio, `--concurrency` requests (at most 32) with fresh prompts (not counted) open the
 //!   connections and wake the service; memory is read after them ("after warm-up") and after
 //!   the last answer ("at end").
 //! - Throughput is successful answers over the time from the first send to the last answer.
@@ -804,7 +804,11 @@ async fn run(options: &Options) -> anyhow::Result<Report> {
         // A fresh service has an empty cache, so it may see the same prompts as the last one.
         let first_fresh = if service.is_some() { 0 } else { next_fresh };
         let mut workload = Workload::new(Arc::clone(&prompts), ratio, options.seed, first_fresh);
-        driver.warm_up(&mut workload, options.concurrency).await?;
+        // Enough to open connections and wake the model, few enough not to overload a service
+        // that sheds load (an overload run would otherwise fail before it starts).
+        driver
+            .warm_up(&mut workload, options.concurrency.min(WARM_UP_MAX))
+            .await?;
         let rss_after_warm_up = pid.and_then(resident_mib);
         let calls_before = test_upstream.as_ref().map(TestUpstream::calls);
 
@@ -899,6 +903,9 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Most warm-up requests, sent at once before each ratio.
+const WARM_UP_MAX: usize = 32;
 
 /// The command line as typed, with the value of `--api-key` hidden: it is a secret, and the
 /// command line is printed with every result.
