@@ -171,6 +171,10 @@ struct Options {
     /// Print the results as JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
+    /// Every this many seconds, print the time, the requests answered so far and the service's
+    /// resident memory to stderr (for soak runs); the samples also go into the JSON report.
+    #[arg(long)]
+    memory_every: Option<f64>,
 }
 
 impl Options {
@@ -541,6 +545,7 @@ struct Driver {
     api_key: String,
     hit_header: HitHeader,
     errors_shown: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
 }
 
 /// One answered request. `status` is `None` when no response came.
@@ -577,6 +582,9 @@ impl Driver {
             }
             Err(err) => (None, false, Some(err.to_string())),
         };
+        if status == Some(200) {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(error) = error {
             // A few are enough to see what went wrong.
             if self.errors_shown.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -663,6 +671,44 @@ struct Row {
     upstream_calls: Option<usize>,
     rss_after_warm_up_mib: Option<f64>,
     rss_at_end_mib: Option<f64>,
+    /// With `--memory-every`: the service's resident memory during the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    memory_samples: Vec<MemorySample>,
+}
+
+/// The service's resident memory at one moment of a run.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct MemorySample {
+    seconds: f64,
+    answered: usize,
+    rss_mib: f64,
+}
+
+/// Reads the service's resident memory every `every` until aborted, printing each reading.
+async fn sample_memory(
+    every: Duration,
+    pid: u32,
+    answered: Arc<AtomicUsize>,
+    samples: Arc<Mutex<Vec<MemorySample>>>,
+) {
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval_at((started + every).into(), every);
+    loop {
+        ticks.tick().await;
+        let Some(rss_mib) = resident_mib(pid) else {
+            continue;
+        };
+        let sample = MemorySample {
+            seconds: started.elapsed().as_secs_f64(),
+            answered: answered.load(Ordering::Relaxed),
+            rss_mib,
+        };
+        eprintln!(
+            "{:>7.0} s  {:>8} answered  {:>6.0} MiB",
+            sample.seconds, sample.answered, sample.rss_mib
+        );
+        samples.lock().unwrap().push(sample);
+    }
 }
 
 impl Row {
@@ -695,6 +741,7 @@ impl Row {
             upstream_calls: None,
             rss_after_warm_up_mib: None,
             rss_at_end_mib: None,
+            memory_samples: Vec::new(),
         }
     }
 }
@@ -800,6 +847,7 @@ async fn run(options: &Options) -> anyhow::Result<Report> {
             api_key: options.api_key.clone(),
             hit_header: HitHeader::parse(&options.hit_header),
             errors_shown: Arc::new(AtomicUsize::new(0)),
+            answered: Arc::new(AtomicUsize::new(0)),
         };
         // A fresh service has an empty cache, so it may see the same prompts as the last one.
         let first_fresh = if service.is_some() { 0 } else { next_fresh };
@@ -813,11 +861,24 @@ async fn run(options: &Options) -> anyhow::Result<Report> {
         let calls_before = test_upstream.as_ref().map(TestUpstream::calls);
 
         let workload = Arc::new(Mutex::new(workload));
+        let memory_samples = Arc::new(Mutex::new(Vec::new()));
+        let sampler = options.memory_every.zip(pid).map(|(every, pid)| {
+            tokio::spawn(sample_memory(
+                Duration::from_secs_f64(every),
+                pid,
+                Arc::clone(&driver.answered),
+                Arc::clone(&memory_samples),
+            ))
+        });
         let (samples, elapsed) = driver.run(&workload, options).await;
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         next_fresh = workload.lock().unwrap().next_fresh;
         let mut row = Row::new(ratio, &samples, elapsed);
         row.rss_after_warm_up_mib = rss_after_warm_up;
         row.rss_at_end_mib = pid.and_then(resident_mib);
+        row.memory_samples = std::mem::take(&mut *memory_samples.lock().unwrap());
         row.upstream_calls = test_upstream
             .as_ref()
             .zip(calls_before)

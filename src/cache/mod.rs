@@ -388,8 +388,14 @@ impl Cache {
     }
 
     /// Exact lookup, then a search by meaning among the entries of the same tenant and context.
-    /// Embedding runs on the batching thread.
-    pub async fn lookup(&self, key: &RequestKey, criteria: &Criteria) -> Result<Lookup, embed::Error> {
+    /// Embedding runs on a batching thread, and the search on a blocking thread: with the
+    /// verifier it takes a few hundred microseconds at 100k entries, too long to hold an async
+    /// worker.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        key: &RequestKey,
+        criteria: &Criteria,
+    ) -> Result<Lookup, embed::Error> {
         if let Some(hit) = self.lookup_exact(key, criteria) {
             return Ok(Lookup::Hit(hit));
         }
@@ -397,7 +403,11 @@ impl Cache {
             return Ok(Lookup::Miss(Miss::default()));
         }
         let embedding = self.embed(&key.prompt).await?;
-        Ok(self.lookup_embedded(key, embedding, criteria))
+        let cache = Arc::clone(self);
+        let (key, criteria) = (key.clone(), *criteria);
+        tokio::task::spawn_blocking(move || cache.lookup_embedded(&key, embedding, &criteria))
+            .await
+            .map_err(|err| embed::Error::Task(format!("the index search failed: {err}")))
     }
 
     /// The semantic layer, for a prompt already embedded. Candidates above the threshold (and
@@ -797,7 +807,7 @@ mod tests {
 
     #[tokio::test]
     async fn expired_entries_are_never_served() {
-        let cache = Cache::new(Arc::new(FirstLetter), Config::default());
+        let cache = Arc::new(Cache::new(Arc::new(FirstLetter), Config::default()));
         let k = key("apple");
         cache
             .insert(

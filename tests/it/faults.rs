@@ -120,6 +120,46 @@ async fn an_unreachable_upstream_is_a_502_that_names_no_address() {
     assert_eq!(semcache.get_json("/stats").await["entries"], 0);
 }
 
+/// An upstream whose accept queue is full: the kernel drops further connection attempts, so a
+/// connect hangs as it does against a host that is down or firewalled.
+async fn unanswered_listener() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // Fill the queue until a connect attempt goes unanswered.
+    while let Ok(stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        queued.push(stream);
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    (listener, queued)
+}
+
+#[tokio::test]
+async fn a_connect_that_hangs_times_out_with_504_and_nothing_is_stored() {
+    let (listener, _queued) = unanswered_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with(&upstream, |args| {
+        args.upstream = format!("http://127.0.0.1:{port}/v1");
+        args.upstream_connect_timeout_secs = 1;
+    })
+    .await;
+    let started = Instant::now();
+    let reply = semcache.chat(&chat_body("Is anyone listening?")).await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 504, "{:?}", reply.body);
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "upstream_timeout");
+    assert!(!error.to_string().contains(&port.to_string()), "{error}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "gave up after the connect timeout, not the overall one: {waited:?}"
+    );
+    assert_eq!(semcache.get_json("/stats").await["entries"], 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_does_not_lose_the_answer_for_others() {
     let upstream = TestUpstream::start().await;
