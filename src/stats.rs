@@ -194,7 +194,7 @@ pub struct Stats {
     pub hit_similarity: Histogram,
     pub near_miss_similarity: Histogram,
     /// Candidates above the threshold refused by the verifier, by reason (`Reason::ALL` order).
-    refusals: [AtomicU64; 5],
+    refusals: [AtomicU64; Reason::ALL.len()],
     feedback_correct: AtomicU64,
     feedback_wrong: AtomicU64,
     by_model: Rows<String>,

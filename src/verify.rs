@@ -21,15 +21,18 @@ pub enum Reason {
     DateTime,
     Entity,
     Scope,
+    /// The prompts differ past the end of the model's window, where the embedding cannot see.
+    Unseen,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::Negation,
         Reason::Number,
         Reason::DateTime,
         Reason::Entity,
         Reason::Scope,
+        Reason::Unseen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Reason {
             Reason::DateTime => "date_time",
             Reason::Entity => "entity",
             Reason::Scope => "scope",
+            Reason::Unseen => "beyond_model_window",
         }
     }
 }

@@ -7,7 +7,7 @@ mod key;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ pub use key::{partition_of, Digest32, ExactKey, Fingerprint, RequestKey, TenantI
 use crate::embed::{self, Batcher, Embedder};
 use crate::index::Index;
 use crate::store::{self, Loaded, Op, Record, Writer};
-use crate::verify::{self, Rejection};
+use crate::verify::{self, Reason, Rejection};
 
 /// Entries sampled to choose an eviction victim (as Redis does): close to exact LRU or LFU at a
 /// constant cost per eviction.
@@ -102,6 +102,9 @@ pub struct Entry {
     pub wrong_reports: AtomicU64,
     /// Similarity at which the entry was last served (f32 bits).
     last_similarity: AtomicU32,
+    /// How much of the prompt the model reads (see [`Embedder::seen_len`]), found when first
+    /// needed.
+    seen_len: OnceLock<Option<usize>>,
 }
 
 impl Entry {
@@ -308,6 +311,7 @@ impl Cache {
                 own_threshold: AtomicU32::new(record.own_threshold.to_bits()),
                 wrong_reports: AtomicU64::new(record.wrong_reports),
                 last_similarity: AtomicU32::new(0),
+                seen_len: OnceLock::new(),
                 prompt: key.prompt,
             });
             if entry.is_expired(now) {
@@ -418,6 +422,7 @@ impl Cache {
         let candidates = self.index.top(&partition, &embedding, CANDIDATES);
         let mut refused: Option<(Rejection, f32)> = None;
         let mut best_unserved = candidates.first().map(|c| c.similarity);
+        let mut query_seen = None;
         for candidate in candidates.iter().filter(|c| c.similarity >= criteria.threshold) {
             let entry = match self.servable(candidate.entry_id, criteria) {
                 Ok(entry) => entry,
@@ -431,7 +436,11 @@ impl Cache {
                 continue;
             }
             if criteria.verify {
-                if let Err(rejection) = verify::verify(&entry.prompt, &key.prompt) {
+                let query_seen = *query_seen.get_or_insert_with(|| self.embedder.seen_len(&key.prompt));
+                let verdict = self
+                    .compare_unseen(&key.prompt, query_seen, &entry)
+                    .and_then(|()| verify::verify(&entry.prompt, &key.prompt));
+                if let Err(rejection) = verdict {
                     tracing::debug!(entry = entry.id, reason = rejection.reason.as_str(), detail = %rejection.detail, "candidate refused");
                     refused.get_or_insert((rejection, candidate.similarity));
                     continue;
@@ -456,6 +465,38 @@ impl Cache {
             nearest: best_unserved,
             refused: refused.map(|(rejection, _)| rejection),
         })
+    }
+
+    /// Refuses a candidate when the two prompts differ where the model does not read them, past
+    /// the end of its window: there the vectors are blind. Both prompts must end with the
+    /// longer of their unread tails, so that every difference lies in text the model has read.
+    fn compare_unseen(&self, query: &str, query_seen: Option<usize>, entry: &Entry) -> Result<(), Rejection> {
+        let entry_seen = *entry
+            .seen_len
+            .get_or_init(|| self.embedder.seen_len(&entry.prompt));
+        if query_seen.is_none() && entry_seen.is_none() {
+            return Ok(());
+        }
+        let unread = |text: &'_ str, seen: Option<usize>| -> usize {
+            seen.map_or(0, |seen| text.len().saturating_sub(seen))
+        };
+        let (query_unread, entry_unread) = (unread(query, query_seen), unread(&entry.prompt, entry_seen));
+        let tail = if query_unread >= entry_unread {
+            &query[query.len() - query_unread..]
+        } else {
+            &entry.prompt[entry.prompt.len() - entry_unread..]
+        };
+        if query.ends_with(tail) && entry.prompt.ends_with(tail) {
+            Ok(())
+        } else {
+            Err(Rejection {
+                reason: Reason::Unseen,
+                detail: format!(
+                    "the prompts differ past the model's window ({} and {} bytes unread)",
+                    query_unread, entry_unread
+                ),
+            })
+        }
     }
 
     /// Feedback from the application on an answer it was served. A wrong answer raises the
@@ -509,6 +550,7 @@ impl Cache {
             own_threshold: AtomicU32::new(0),
             wrong_reports: AtomicU64::new(0),
             last_similarity: AtomicU32::new(0),
+            seen_len: OnceLock::new(),
         });
         if let Some(writer) = &self.writer {
             let record = Box::new(record_of(&entry, embedding.clone()));

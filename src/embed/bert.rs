@@ -40,6 +40,8 @@ pub struct BertEmbedder {
     pooling: Pooling,
     dimensions: usize,
     device: Device,
+    /// The window, in tokens, special tokens included.
+    max_tokens: usize,
 }
 
 impl BertEmbedder {
@@ -108,6 +110,7 @@ impl BertEmbedder {
             pooling,
             dimensions: config.hidden_size,
             device,
+            max_tokens,
         })
     }
 }
@@ -115,6 +118,27 @@ impl BertEmbedder {
 impl Embedder for BertEmbedder {
     fn dimensions(&self) -> usize {
         self.dimensions
+    }
+
+    fn seen_len(&self, text: &str) -> Option<usize> {
+        // Every token covers at least one byte, so a text shorter than the window (less its
+        // [CLS] and [SEP]) always fits: no need to tokenize it.
+        if text.len() + 2 <= self.max_tokens {
+            return None;
+        }
+        let encoding = self.tokenizer.encode(text, true).ok()?;
+        if encoding.get_overflowing().is_empty() {
+            return None;
+        }
+        // The last token before [SEP] is the last the model reads.
+        let seen = encoding
+            .get_offsets()
+            .iter()
+            .zip(encoding.get_special_tokens_mask())
+            .filter(|(_, &special)| special == 0)
+            .map(|(&(_, end), _)| end)
+            .max()?;
+        (seen < text.len()).then_some(seen)
     }
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {

@@ -28,6 +28,12 @@ pub trait Embedder: Send + Sync {
 
     /// Embeds each text; the result has one vector per text, in order.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error>;
+
+    /// How much of `text` the model reads: `None` when all of it, else the byte offset where
+    /// its window ends. Two texts that differ only past that point get the same vector.
+    fn seen_len(&self, _text: &str) -> Option<usize> {
+        None
+    }
 }
 
 /// Cosine similarity of two L2-normalised vectors.

@@ -53,3 +53,17 @@ fn long_prompts_are_truncated_not_rejected() {
     assert_eq!(vectors.len(), 2);
     assert!(vectors[0].iter().all(|x| x.is_finite()));
 }
+
+#[test]
+fn seen_len_marks_where_the_model_stops_reading() {
+    let model = embedder();
+    assert_eq!(model.seen_len("A short question?"), None);
+    let text = "Reservoir levels recovered after the spring rains in the north. ".repeat(40);
+    let seen = model.seen_len(&text).expect("about 500 tokens do not fit in 256");
+    assert!(seen > 500 && seen < text.len(), "{seen} of {}", text.len());
+    // Everything past that point is invisible: cutting it off changes nothing.
+    let whole = model.embed(&[&text]).unwrap();
+    let cut = model.embed(&[&text[..seen]]).unwrap();
+    assert!(cosine(&whole[0], &cut[0]) > 0.9999);
+    assert_eq!(model.seen_len(&text[..seen]), None);
+}

@@ -116,3 +116,40 @@ async fn wrong_answer_reports_raise_the_entry_threshold_then_evict_it() {
     let stats = semcache.get_json("/stats").await;
     assert_eq!(stats["feedback"], json!({"correct": 1, "wrong": 3}));
 }
+
+/// A document of about 400 tokens, longer than the model's 256-token window.
+fn long_document() -> String {
+    let sentence = "The committee reviewed the quarterly report on regional water supplies, \
+                    noting that reservoir levels in the northern district had recovered after \
+                    the spring rains while the southern pumping stations still ran below capacity. ";
+    sentence.repeat(10)
+}
+
+#[tokio::test]
+async fn long_prompts_that_differ_past_the_model_window_are_not_served_as_each_other() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start(&upstream).await;
+    let document = long_document();
+    let ask = |question: &str| format!("{document}\n\nand now {question}");
+
+    semcache
+        .chat(&chat_body(&ask("summarise it in a short paragraph.")))
+        .await;
+    // The model reads only the first 256 tokens: to it both prompts are the document alone
+    // and score about 1.0. Only the text decides.
+    let other = semcache
+        .chat(&chat_body(&ask("list the risks it mentions as bullet points.")))
+        .await;
+    assert_eq!(other.cache(), "miss");
+    let stats = semcache.get_json("/stats").await;
+    assert_eq!(stats["verifier_refusals"]["beyond_model_window"], 1, "{stats}");
+
+    // Differences inside the window are still the model's to judge: the same document after a
+    // reworded instruction is the same request.
+    let document_first = format!("Summarise the following text.\n\n{document}");
+    semcache.chat(&chat_body(&document_first)).await;
+    let reworded = semcache
+        .chat(&chat_body(&format!("Please summarize this text.\n\n{document}")))
+        .await;
+    assert_eq!(reworded.cache(), "hit", "{:?}", reworded.body);
+}
