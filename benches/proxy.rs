@@ -131,13 +131,13 @@ fn benches(c: &mut Criterion) {
     });
     clients.finish();
 
+    let data_dir = std::env::temp_dir().join(format!("semcache-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
     let (semcache, bare) = runtime.block_on(async {
         let upstream =
             serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
         let bare =
             serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
-        let data_dir = std::env::temp_dir().join(format!("semcache-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data_dir);
         let args = ServeArgs::parse_from([
             "serve",
             "--upstream",
@@ -179,6 +179,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("http/bare_axum_same_bytes", |b| b.iter(|| post(bare, &stored)));
     c.bench_function("http/exact_hit", |b| b.iter(|| post(semcache, &stored)));
     c.bench_function("http/semantic_hit", |b| b.iter(|| post(semcache, &paraphrase)));
+    let _ = std::fs::remove_dir_all(&data_dir);
 }
 
 criterion_group!(benches_group, benches);

@@ -228,10 +228,11 @@ async fn oneshot(router: &axum::Router, peer: [u8; 4], path: &str, auth: Option<
 #[tokio::test]
 async fn operator_routes_need_the_token_or_loopback() {
     let upstream = TestUpstream::start().await;
+    let data_dirs = crate::support::RemovedOnDrop(crate::support::fresh_data_dir());
     let build = |token: Option<&str>| {
         let mut args = semcache::config::ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
         args.model_dir = model_dir();
-        args.data_dir = crate::support::fresh_data_dir();
+        args.data_dir = data_dirs.0.join(if token.is_some() { "guarded" } else { "open" });
         args.admin_token = token.map(str::to_owned);
         semcache::app(&args, embedder()).unwrap().router
     };

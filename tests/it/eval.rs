@@ -6,7 +6,7 @@ use std::process::Command;
 use semcache::eval::{self, Grid};
 use serde_json::Value;
 
-use crate::support::{embedder, fresh_data_dir, model_dir};
+use crate::support::{embedder, fresh_data_dir, model_dir, RemovedOnDrop};
 
 const TRAPS: &str = "tests/data/traps.jsonl";
 
@@ -47,8 +47,9 @@ async fn the_verifier_removes_trap_hits_and_keeps_paraphrase_hits() {
 
 #[test]
 fn eval_pairs_prints_json_and_draws_a_plot() {
-    let dir = fresh_data_dir();
-    std::fs::create_dir_all(&dir).unwrap();
+    let guard = RemovedOnDrop(fresh_data_dir());
+    let dir = &guard.0;
+    std::fs::create_dir_all(dir).unwrap();
     let plot = dir.join("pairs.png");
     let output = semcache(&[
         "eval",
@@ -71,13 +72,13 @@ fn eval_pairs_prints_json_and_draws_a_plot() {
     let png = std::fs::read(&plot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG file");
     assert!(png.len() > 10_000, "with curves and labels: {} bytes", png.len());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn eval_intents_reports_wrong_answers_by_intent() {
-    let dir = fresh_data_dir();
-    std::fs::create_dir_all(&dir).unwrap();
+    let guard = RemovedOnDrop(fresh_data_dir());
+    let dir = &guard.0;
+    std::fs::create_dir_all(dir).unwrap();
     let (train, test) = (dir.join("train.csv"), dir.join("test.csv"));
     std::fs::write(
         &train,
@@ -128,7 +129,6 @@ fn eval_intents_reports_wrong_answers_by_intent() {
     let table = semcache(&["eval", "intents", train.to_str().unwrap(), test.to_str().unwrap()]);
     let table = String::from_utf8(table.stdout).unwrap();
     assert!(table.contains("| **0.82** |"), "{table}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -144,8 +144,9 @@ fn calibrate_recommends_a_threshold_and_refuses_an_impossible_rate() {
     assert!(text.contains("\"threshold\""), "{text}");
 
     // A "non-duplicate" asked word for word is served at every threshold.
-    let dir = fresh_data_dir();
-    std::fs::create_dir_all(&dir).unwrap();
+    let guard = RemovedOnDrop(fresh_data_dir());
+    let dir = &guard.0;
+    std::fs::create_dir_all(dir).unwrap();
     let file = dir.join("pairs.jsonl");
     std::fs::write(
         &file,
@@ -156,7 +157,6 @@ fn calibrate_recommends_a_threshold_and_refuses_an_impossible_rate() {
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("no threshold up to 0.99"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -225,6 +225,17 @@ pub struct Semcache {
     pub http: reqwest::Client,
     shutdown: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The data directory when the test did not choose one: removed with the instance.
+    _data_dir: Option<RemovedOnDrop>,
+}
+
+/// A directory removed when this is dropped, so that test runs do not fill the temp directory.
+pub struct RemovedOnDrop(pub PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 pub const KEY_A: &str = "sk-test-tenant-a-0123456789";
@@ -246,8 +257,10 @@ impl Semcache {
     ) -> Self {
         let mut args = ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
         args.model_dir = model_dir();
-        args.data_dir = fresh_data_dir();
+        let own_dir = fresh_data_dir();
+        args.data_dir = own_dir.clone();
         configure(&mut args);
+        let data_dir = (args.data_dir == own_dir).then_some(RemovedOnDrop(own_dir));
         args.validate().unwrap();
         let app = semcache::app(&args, embedder).unwrap();
         let settings = app.settings.clone();
@@ -263,6 +276,7 @@ impl Semcache {
             http: reqwest::Client::new(),
             shutdown,
             served,
+            _data_dir: data_dir,
         }
     }
 
