@@ -1,7 +1,8 @@
 //! Latency of one embedding, batches of 8 and 32 (per prompt), 32 concurrent clients through
 //! the dynamic batcher against the same 32 prompts one at a time, an exact and a semantic hit
-//! through HTTP, and a bare axum handler returning the same bytes: all in one run, so they
-//! can be compared as ratios.
+//! through HTTP against a bare axum handler returning the same bytes, and a miss against the
+//! same request sent straight to the test model (20 ms): all in one run, so they can be
+//! compared as ratios.
 //!
 //! `make bench` (or `cargo bench --bench proxy`); needs the model (`make model`).
 
@@ -53,6 +54,9 @@ const PROMPTS: [&str; 32] = [
     "When will the item be back in stock?",
 ];
 use serde_json::{json, Value};
+
+/// How long the test model takes to answer a miss.
+const UPSTREAM_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn completion() -> Value {
     json!({
@@ -133,9 +137,16 @@ fn benches(c: &mut Criterion) {
 
     let data_dir = std::env::temp_dir().join(format!("semcache-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data_dir);
-    let (semcache, bare) = runtime.block_on(async {
-        let upstream =
-            serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
+    let (semcache, bare, upstream) = runtime.block_on(async {
+        // The model answers after a fixed delay, as a real one would (faster, to keep the run short).
+        let upstream = serve(Router::new().route(
+            "/v1/chat/completions",
+            post(|| async {
+                tokio::time::sleep(UPSTREAM_DELAY).await;
+                Json(completion())
+            }),
+        ))
+        .await;
         let bare =
             serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
         let args = ServeArgs::parse_from([
@@ -149,7 +160,7 @@ fn benches(c: &mut Criterion) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let semcache = listener.local_addr().unwrap();
         tokio::spawn(semcache::run(app, listener, std::future::pending()));
-        (semcache, bare)
+        (semcache, bare, upstream)
     });
     let client = reqwest::Client::new();
     let post = |addr: SocketAddr, body: &Value| {
@@ -179,6 +190,23 @@ fn benches(c: &mut Criterion) {
     c.bench_function("http/bare_axum_same_bytes", |b| b.iter(|| post(bare, &stored)));
     c.bench_function("http/exact_hit", |b| b.iter(|| post(semcache, &stored)));
     c.bench_function("http/semantic_hit", |b| b.iter(|| post(semcache, &paraphrase)));
+
+    // A miss: a prompt never asked before goes through the exact map, the model, the index and
+    // the verifier (each order number contrasts with the others'), then to the model, and is
+    // stored (fsynced, the default durability). Against the same request sent to the model
+    // directly.
+    let mut order = 1_000_000;
+    let mut fresh = || {
+        order += 1;
+        request(&format!("What is the status of order {order}?"))
+    };
+    let mut misses = c.benchmark_group("http/miss");
+    misses.sample_size(30);
+    misses.bench_function("upstream_direct", |b| b.iter(|| post(upstream, &fresh())));
+    misses.bench_function("through_semcache", |b| {
+        b.iter(|| assert_eq!(post(semcache, &fresh()).as_deref(), Some("miss")))
+    });
+    misses.finish();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
