@@ -147,8 +147,9 @@ fn embed_group(embedder: &dyn Embedder, group: Vec<Job>) {
         .unwrap_or_else(|_| Err(Error::Task("the embedding model panicked".to_owned())));
     match result {
         Ok(vectors) if vectors.len() == group.len() => {
+            let dimensions = embedder.dimensions();
             for (job, vector) in group.into_iter().zip(vectors) {
-                let _ = job.reply.send(Ok(vector));
+                let _ = job.reply.send(usable(vector, dimensions));
             }
         }
         Ok(vectors) => {
@@ -164,6 +165,23 @@ fn embed_group(embedder: &dyn Embedder, group: Vec<Job>) {
             }
         }
     }
+}
+
+/// A vector the index can take: the model's dimensions, and no NaN or infinity (which a model
+/// run in the wrong precision produces, and which would make every comparison with it false).
+fn usable(vector: Vec<f32>, dimensions: usize) -> Result<Vec<f32>, Error> {
+    if vector.len() != dimensions {
+        return Err(Error::Task(format!(
+            "the model returned {} dimensions instead of {dimensions}",
+            vector.len()
+        )));
+    }
+    if !vector.iter().all(|x| x.is_finite()) {
+        return Err(Error::Task(
+            "the model returned a vector that is not finite".to_owned(),
+        ));
+    }
+    Ok(vector)
 }
 
 #[cfg(test)]

@@ -184,3 +184,49 @@ async fn a_client_leaving_mid_stream_does_not_lose_the_answer_for_others() {
     assert_eq!(later.cache(), "hit", "the stream was read to the end and stored");
     assert_eq!(upstream.chat_calls(), 1);
 }
+
+/// A model whose vectors the index cannot take: the wrong size, or not finite (as a model run
+/// in half precision on some CPUs returns).
+struct MisshapenModel {
+    finite: bool,
+}
+
+impl Embedder for MisshapenModel {
+    fn dimensions(&self) -> usize {
+        384
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
+        let vector = if self.finite {
+            vec![0.5; 7]
+        } else {
+            vec![f32::NAN; 384]
+        };
+        Ok(texts.iter().map(|_| vector.clone()).collect())
+    }
+}
+
+#[tokio::test]
+async fn vectors_the_index_cannot_take_degrade_to_a_plain_proxy() {
+    for finite in [true, false] {
+        let upstream = TestUpstream::start().await;
+        let model = Arc::new(MisshapenModel { finite });
+        let semcache = Semcache::start_with_embedder(&upstream, model, |_| {}).await;
+        for prompt in [
+            "What is the boiling point of water?",
+            "At what temperature does water boil?",
+        ] {
+            let reply = semcache.chat(&chat_body(prompt)).await;
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+            assert!(reply.content().starts_with("Answer #"), "{}", reply.content());
+        }
+        assert_eq!(
+            upstream.chat_calls(),
+            2,
+            "finite: {finite}: nothing served from a bad vector"
+        );
+        let stats = semcache.get_json("/stats").await;
+        assert_eq!(stats["cache_failures"], 2, "finite: {finite}: {stats}");
+        assert_eq!(stats["indexed"], 0, "finite: {finite}: {stats}");
+    }
+}
