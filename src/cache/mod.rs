@@ -743,6 +743,11 @@ impl Cache {
         }
     }
 
+    /// Changes the store could not save (disk full, I/O error): served from memory, not durable.
+    pub fn store_failures(&self) -> u64 {
+        self.writer.as_ref().map_or(0, Writer::failures)
+    }
+
     /// Number of live vectors in the index; equals the number of entries with an embedding.
     pub fn indexed(&self) -> usize {
         self.index.len()

@@ -52,6 +52,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "rejected": s.rejected,
         "shed": s.shed,
         "cache_failures": s.cache_failures,
+        "store_failures": state.cache.store_failures(),
         "hit_rate": (s.hit_rate() * 10_000.0).round() / 10_000.0,
         "upstream_calls": s.upstream_calls,
         "upstream_errors": s.upstream_errors,
@@ -82,6 +83,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let text = prometheus_text(
         &snapshot,
         state.cache.len(),
+        state.cache.store_failures(),
         state.settings.load().threshold,
         state.stats.hit_similarity.sum(),
         state.stats.near_miss_similarity.sum(),
@@ -97,7 +99,14 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn prometheus_text(s: &Snapshot, entries: usize, threshold: f32, hit_sum: f64, near_sum: f64) -> String {
+fn prometheus_text(
+    s: &Snapshot,
+    entries: usize,
+    store_failures: u64,
+    threshold: f32,
+    hit_sum: f64,
+    near_sum: f64,
+) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -134,6 +143,12 @@ fn prometheus_text(s: &Snapshot, entries: usize, threshold: f32, hit_sum: f64, n
         "counter",
         "Requests forwarded without the cache because embedding or lookup failed.",
         &plain(s.cache_failures as f64),
+    );
+    family(
+        "semcache_store_failures_total",
+        "counter",
+        "Changes the store could not save (disk full, I/O error); the entries stay in memory.",
+        &plain(store_failures as f64),
     );
     family(
         "semcache_upstream_calls_total",

@@ -1,6 +1,8 @@
 //! The single writer thread: group commit of queued changes.
 
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -32,17 +34,30 @@ struct Job {
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
     durability: Durability,
+    /// Changes that could not be saved (disk full, I/O error).
+    failures: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Starts the writer thread. In relaxed mode it waits up to `window` to batch changes.
     pub fn start(store: Store, durability: Durability, window: Duration) -> Self {
         let (jobs, queue) = mpsc::channel::<Job>();
+        let failures = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&failures);
         std::thread::Builder::new()
             .name("semcache-store".into())
-            .spawn(move || drain(store, queue, durability, window))
+            .spawn(move || drain(store, queue, durability, window, &counted))
             .expect("the store writer thread starts");
-        Self { jobs, durability }
+        Self {
+            jobs,
+            durability,
+            failures,
+        }
+    }
+
+    /// Changes that could not be saved so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     pub fn durability(&self) -> Durability {
@@ -104,7 +119,62 @@ impl Writer {
     }
 }
 
-fn drain(store: Store, queue: mpsc::Receiver<Job>, durability: Durability, window: Duration) {
+/// The open database, or how to open it again after an I/O error. redb refuses every later
+/// transaction once one has failed on I/O, so a disk that was full for a moment would otherwise
+/// cost durability until the next restart.
+struct Database {
+    store: Option<Store>,
+    data_dir: PathBuf,
+    last_reopen: Option<Instant>,
+}
+
+/// Least time between two attempts to reopen a failing database.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Database {
+    /// Applies the changes; after a failure, reopens the database (at most every
+    /// [`REOPEN_INTERVAL`]) and tries once more.
+    fn apply(&mut self, ops: &[Op]) -> Result<(), String> {
+        let first = match &self.store {
+            Some(store) => match store.apply(ops) {
+                Ok(()) => return Ok(()),
+                Err(err) => err.to_string(),
+            },
+            None => "the store is closed after an earlier error".to_owned(),
+        };
+        if self
+            .last_reopen
+            .is_some_and(|last| last.elapsed() < REOPEN_INTERVAL)
+        {
+            return Err(first);
+        }
+        self.last_reopen = Some(Instant::now());
+        // The file lock goes with the old handle: drop it before opening again.
+        self.store = None;
+        match Store::open(&self.data_dir) {
+            Ok(store) => {
+                tracing::warn!(error = %first, "store reopened after a failed commit");
+                let retried = store.apply(ops).map_err(|err| err.to_string());
+                self.store = Some(store);
+                retried
+            }
+            Err(err) => Err(format!("{first}; reopening failed: {err}")),
+        }
+    }
+}
+
+fn drain(
+    store: Store,
+    queue: mpsc::Receiver<Job>,
+    durability: Durability,
+    window: Duration,
+    failures: &AtomicU64,
+) {
+    let mut database = Database {
+        data_dir: store.path().parent().map_or_else(PathBuf::new, PathBuf::from),
+        store: Some(store),
+        last_reopen: None,
+    };
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         let deadline = Instant::now() + window;
@@ -128,14 +198,15 @@ fn drain(store: Store, queue: mpsc::Receiver<Job>, durability: Durability, windo
         let result = if ops.is_empty() {
             Ok(())
         } else {
-            store.apply(&ops).map_err(|err| err.to_string())
+            database.apply(&ops)
         };
         if let Err(err) = &result {
+            failures.fetch_add(ops.len() as u64, Ordering::Relaxed);
             tracing::error!(error = %err, changes = ops.len(), "store commit failed");
         }
         if stop {
             // The database file lock goes with the store: release it before saying so.
-            drop(store);
+            drop(database);
             for waiter in waiters.into_iter().flatten() {
                 let _ = waiter.send(result.clone());
             }

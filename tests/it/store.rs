@@ -182,3 +182,100 @@ async fn invalidation_purges_similar_answers_for_one_tenant_or_all() {
         assert_eq!(invalidate(bad.clone()).await.status, 400, "{bad}");
     }
 }
+
+/// A small tmpfs, unmounted when dropped; `None` where this user may not mount.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: usize) -> Option<Self> {
+        let dir = fresh_data_dir();
+        std::fs::create_dir_all(&dir).ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !mounted {
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    /// Writes a file until the disk is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_costs_durability_not_answers_and_the_store_recovers() {
+    // A real full disk needs a small filesystem of its own: a tmpfs, which only root may mount.
+    let Some(disk) = SmallDisk::mount(16) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let upstream = TestUpstream::start().await;
+    let data_dir = disk.dir.join("data");
+    let start = || Semcache::start_with(&upstream, |args| args.data_dir = data_dir.clone());
+    let semcache = start().await;
+    let before = chat_body("What is the capital of Australia?");
+    assert_eq!(semcache.chat(&before).await.cache(), "miss");
+
+    let filler = disk.fill();
+    // Prompts large enough that the database file must grow (strict durability: each is
+    // committed before its answer is sent).
+    let large = |n: usize| {
+        chat_body(&format!(
+            "Question {n}: {}",
+            "lorem ipsum dolor sit amet ".repeat(20_000)
+        ))
+    };
+    for n in 0..2 {
+        let reply = semcache.chat(&large(n)).await;
+        assert_eq!((reply.status, reply.cache()), (200, "miss"), "{:?}", reply.body);
+        assert_eq!(
+            semcache.chat(&large(n)).await.cache(),
+            "hit",
+            "served from memory"
+        );
+    }
+    let stats = semcache.get_json("/stats").await;
+    assert!(stats["store_failures"].as_u64().unwrap() >= 2, "{stats}");
+
+    // Space again: the next entry is saved, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let after = chat_body("What is the capital of Canada?");
+    assert_eq!(semcache.chat(&after).await.cache(), "miss");
+    semcache.stop().await;
+
+    let restarted = start().await;
+    assert_eq!(restarted.chat(&before).await.cache(), "hit", "saved before");
+    assert_eq!(restarted.chat(&after).await.cache(), "hit", "saved after");
+    assert_eq!(
+        restarted.chat(&large(0)).await.cache(),
+        "miss",
+        "never saved, as /stats said"
+    );
+    restarted.stop().await;
+}
