@@ -25,6 +25,8 @@ use crate::verify::{self, Reason, Rejection};
 /// Entries sampled to choose an eviction victim (as Redis does): close to exact LRU or LFU at a
 /// constant cost per eviction.
 const EVICTION_SAMPLES: usize = 16;
+/// LFU frequencies are halved after this many inserts and hits per entry the cache holds.
+const AGE_EVERY: u64 = 10;
 /// Candidates above the threshold considered by a semantic lookup, most similar first: an
 /// expired or refused one gives way to the next.
 const CANDIDATES: usize = 4;
@@ -92,6 +94,9 @@ pub struct Entry {
     pub hits: AtomicU64,
     /// Milliseconds since the epoch of the last hit, or of creation before any.
     pub last_used_ms: AtomicU64,
+    /// Recent use, for LFU: hits, halved as the cache ages (see [`Cache::age`]) so that past
+    /// popularity fades.
+    frequency: AtomicU64,
     /// The cache's logical clock at the last use: orders uses within the same millisecond.
     recency: AtomicU64,
     /// Hit count last written to the store, to know which entries need their usage saved.
@@ -124,6 +129,7 @@ impl Entry {
 
     fn touch(&self, clock: &AtomicU64) {
         self.hits.fetch_add(1, Ordering::Relaxed);
+        self.frequency.fetch_add(1, Ordering::Relaxed);
         self.last_used_ms
             .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
         self.recency
@@ -135,7 +141,7 @@ impl Entry {
         let recency = self.recency.load(Ordering::Relaxed);
         match policy {
             Eviction::Lru => (recency, 0),
-            Eviction::Lfu => (self.hits.load(Ordering::Relaxed), recency),
+            Eviction::Lfu => (self.frequency.load(Ordering::Relaxed), recency),
         }
     }
 }
@@ -232,6 +238,8 @@ pub struct Cache {
     next_id: AtomicU64,
     /// Logical clock for recency; ticks at every insert and hit.
     clock: AtomicU64,
+    /// The clock when LFU frequencies were last halved.
+    aged_at: AtomicU64,
     flights: flight::Flights,
     config: Config,
     writer: Option<Writer>,
@@ -247,6 +255,7 @@ impl Cache {
             inner: RwLock::default(),
             next_id: AtomicU64::new(1),
             clock: AtomicU64::new(1),
+            aged_at: AtomicU64::new(1),
             flights: flight::Flights::default(),
             config,
             writer: None,
@@ -305,6 +314,7 @@ impl Cache {
                 created: from_unix_ms(record.created_ms),
                 expires: record.expires_ms.map(from_unix_ms),
                 hits: AtomicU64::new(record.hits),
+                frequency: AtomicU64::new(record.hits),
                 last_used_ms: AtomicU64::new(record.last_hit_ms.max(record.created_ms)),
                 recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
                 saved_hits: AtomicU64::new(record.hits),
@@ -544,6 +554,7 @@ impl Cache {
             created: now,
             expires: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
             hits: AtomicU64::new(0),
+            frequency: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(unix_ms(now)),
             recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
             saved_hits: AtomicU64::new(0),
@@ -723,8 +734,26 @@ impl Cache {
         for op in touched {
             self.persist(op);
         }
+        self.age();
         self.index.compact();
         self.index.catch_up_all();
+    }
+
+    /// Halves every entry's LFU frequency once the cache has seen [`AGE_EVERY`] times as many
+    /// inserts and hits as it holds entries, as W-TinyLFU does: an entry popular last week but
+    /// not since loses its place to today's, while steady favourites keep theirs.
+    fn age(&self) {
+        let now = self.clock.load(Ordering::Relaxed);
+        let period = AGE_EVERY * self.config.max_entries.max(1) as u64;
+        if now.saturating_sub(self.aged_at.load(Ordering::Relaxed)) < period {
+            return;
+        }
+        self.aged_at.store(now, Ordering::Relaxed);
+        for entry in self.inner.read().entries.values() {
+            let _ = entry
+                .frequency
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f / 2));
+        }
     }
 
     /// Waits until every change so far is on disk.
@@ -932,6 +961,42 @@ mod tests {
         assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());
         assert!(cache.lookup_exact(&key("cherry"), &ANY).is_some());
         assert_eq!(cache.indexed(), 3, "evicted entries leave the index");
+    }
+
+    #[tokio::test]
+    async fn lfu_forgets_past_popularity_as_the_cache_ages() {
+        let config = Config {
+            max_entries: 3,
+            eviction: Eviction::Lfu,
+            default_ttl: None,
+            embed_workers: 1,
+        };
+        let cache = Cache::new(Arc::new(FirstLetter), config);
+        fill(&cache, &["apple", "banana", "cherry"]).await;
+        // Yesterday's favourite...
+        for _ in 0..1000 {
+            cache.lookup_exact(&key("apple"), &ANY);
+        }
+        // ...then ten upkeep periods of steady use of the other two, and none of it.
+        for _ in 0..10 {
+            for _ in 0..15 {
+                cache.lookup_exact(&key("banana"), &ANY);
+                cache.lookup_exact(&key("cherry"), &ANY);
+            }
+            cache.maintain();
+        }
+        fill(&cache, &["date"]).await;
+        assert!(
+            cache.lookup_exact(&key("apple"), &ANY).is_none(),
+            "1,000 hits long ago count for less than 150 recent ones"
+        );
+        assert!(cache.lookup_exact(&key("cherry"), &ANY).is_some());
+        let banana = cache.lookup_exact(&key("banana"), &ANY).unwrap();
+        assert_eq!(
+            banana.entry.hits.load(Ordering::Relaxed),
+            151,
+            "the hit counts shown to operators are not halved"
+        );
     }
 
     #[tokio::test]
