@@ -206,6 +206,18 @@ fn benches(c: &mut Criterion) {
     misses.bench_function("through_semcache", |b| {
         b.iter(|| assert_eq!(post(semcache, &fresh()).as_deref(), Some("miss")))
     });
+    // The first request of a conversation: its context holds no entries, so the prompt is
+    // embedded while the model answers rather than before.
+    let mut conversation = 0;
+    let mut new_context = || {
+        conversation += 1;
+        json!({"model": "gpt-4o-mini", "messages": [
+            {"role": "system", "content": format!("You are support assistant number {conversation}.")},
+            {"role": "user", "content": "What is the status of my order?"}]})
+    };
+    misses.bench_function("through_semcache_new_context", |b| {
+        b.iter(|| assert_eq!(post(semcache, &new_context()).as_deref(), Some("miss")))
+    });
     misses.finish();
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -413,7 +413,9 @@ impl Cache {
         if let Some(hit) = self.lookup_exact(key, criteria) {
             return Ok(Lookup::Hit(hit));
         }
-        if !key.is_semantic() {
+        // With nothing to compare with (a new conversation, a new tenant), the embedding is not
+        // needed before the upstream call: the caller can compute it alongside, for storing.
+        if !key.is_semantic() || self.index.partition_len(&key.partition()) == 0 {
             return Ok(Lookup::Miss(Miss::default()));
         }
         let embedding = self.embed(&key.prompt).await?;

@@ -21,6 +21,7 @@ use crate::cache::{
     Answer, Criteria, Feedback, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage,
 };
 use crate::config::Scope;
+use crate::embed;
 use crate::openai::sse::{self, Assembler, Parser};
 use crate::openai::ChatRequest;
 use crate::settings::Settings;
@@ -200,6 +201,13 @@ pub async fn chat_completions(
     }
 
     state.stats.record_miss(&request.model, tenant, nearest, refused);
+    let embedding = match embedding {
+        Some(vector) => Embedding::Ready(vector),
+        // Not embedded yet (nothing to compare with, or no lookup): embed while the upstream
+        // works, so that storing the answer does not wait for it.
+        None if key.is_semantic() => Embedding::Pending(EarlyEmbedding::start(&state, &key.prompt)),
+        None => Embedding::Absent,
+    };
     let miss = Miss {
         state: state.clone(),
         key,
@@ -248,11 +256,45 @@ async fn call_upstream(
     }
 }
 
+/// The prompt's vector for storing a miss.
+enum Embedding {
+    /// Computed by the lookup.
+    Ready(Vec<f32>),
+    /// Being computed alongside the upstream call.
+    Pending(EarlyEmbedding),
+    /// The prompt has no text to embed.
+    Absent,
+}
+
+/// An embedding computed in the background; dropped unfinished (the upstream call failed),
+/// it stops.
+struct EarlyEmbedding(Option<tokio::task::JoinHandle<Result<Vec<f32>, embed::Error>>>);
+
+impl EarlyEmbedding {
+    fn start(state: &AppState, prompt: &str) -> Self {
+        let (cache, prompt) = (Arc::clone(&state.cache), prompt.to_owned());
+        Self(Some(tokio::spawn(async move { cache.embed(&prompt).await })))
+    }
+
+    async fn finish(mut self) -> Result<Vec<f32>, embed::Error> {
+        let handle = self.0.take().expect("finished once");
+        handle.await.map_err(|err| embed::Error::Task(err.to_string()))?
+    }
+}
+
+impl Drop for EarlyEmbedding {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
+}
+
 /// A request that goes to the upstream and whose answer is stored when it is complete.
 struct Miss {
     state: AppState,
     key: RequestKey,
-    embedding: Option<Vec<f32>>,
+    embedding: Embedding,
     flight: Option<Flight>,
     model: String,
     ttl: Option<Duration>,
@@ -392,15 +434,16 @@ impl Miss {
             ..
         } = self;
         let embedding = match embedding {
-            Some(embedding) => Some(embedding),
-            None if key.is_semantic() => match state.cache.embed(&key.prompt).await {
+            Embedding::Ready(embedding) => Some(embedding),
+            Embedding::Pending(early) => match early.finish().await {
                 Ok(embedding) => Some(embedding),
                 Err(err) => {
                     tracing::error!(error = %err, "embedding for storage failed; stored for exact matches only");
+                    state.stats.record_cache_failure();
                     None
                 }
             },
-            None => None,
+            Embedding::Absent => None,
         };
         let entry = state.cache.insert(&key, embedding, answer, ttl).await;
         let entry_id = entry.id;

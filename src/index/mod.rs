@@ -176,6 +176,11 @@ impl Index {
         self.partitions.read().values().map(|p| p.len()).sum()
     }
 
+    /// Live vectors in one partition.
+    pub fn partition_len(&self, partition: &PartitionId) -> usize {
+        self.partitions.read().get(partition).map_or(0, |p| p.len())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

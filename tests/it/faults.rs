@@ -3,40 +3,67 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use semcache::embed::{self, Embedder};
+use serde_json::json;
 
-use crate::support::{chat_body, stream_body, Mode, Semcache, TestUpstream};
+use crate::support::{chat_body, embedder, stream_body, Mode, Semcache, TestUpstream};
 
-/// A model that always fails, as a corrupt model file or an out-of-memory would.
-struct BrokenModel;
+/// The real model until it is broken, as by a corrupt file read or an out-of-memory.
+struct BreakableModel {
+    broken: AtomicBool,
+}
 
-impl Embedder for BrokenModel {
+impl Embedder for BreakableModel {
     fn dimensions(&self) -> usize {
         384
     }
 
-    fn embed(&self, _texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
-        Err(embed::Error::Task("the model is broken".to_owned()))
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(embed::Error::Task("the model is broken".to_owned()));
+        }
+        embedder().embed(texts)
     }
 }
 
 #[tokio::test]
-async fn a_failing_model_degrades_to_a_plain_proxy_and_is_counted() {
+async fn a_failing_model_degrades_to_exact_caching_and_is_counted() {
     let upstream = TestUpstream::start().await;
-    let semcache = Semcache::start_with_embedder(&upstream, Arc::new(BrokenModel), |_| {}).await;
+    let model = Arc::new(BreakableModel {
+        broken: AtomicBool::new(false),
+    });
+    let semcache = Semcache::start_with_embedder(&upstream, Arc::clone(&model) as _, |_| {}).await;
+    let stored = chat_body("What is the boiling point of water?");
+    assert_eq!(semcache.chat(&stored).await.cache(), "miss");
+    model.broken.store(true, Ordering::SeqCst);
+
+    // A lookup by meaning needs the model: the call goes through as through a plain proxy,
+    // and nothing is stored from it.
+    let paraphrase = chat_body("At what temperature does water boil?");
     for _ in 0..2 {
-        let reply = semcache
-            .chat(&chat_body("What is the boiling point of water?"))
-            .await;
+        let reply = semcache.chat(&paraphrase).await;
         assert_eq!(reply.status, 200, "the call still succeeds");
+        assert_eq!(reply.cache(), "bypass");
         assert!(reply.content().starts_with("Answer #"), "{}", reply.content());
     }
-    assert_eq!(upstream.chat_calls(), 2, "nothing could be cached");
+    // Exact matches need no model.
+    assert_eq!(semcache.chat(&stored).await.cache(), "hit");
+    // A new conversation has nothing to compare with by meaning: its answer is stored for
+    // exact matches only.
+    let new_context = json!({"model": "gpt-4o-mini", "messages": [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "What is the boiling point of water?"}]});
+    assert_eq!(semcache.chat(&new_context).await.cache(), "miss");
+    assert_eq!(semcache.chat(&new_context).await.cache(), "hit");
+
+    assert_eq!(upstream.chat_calls(), 4);
     let stats = semcache.get_json("/stats").await;
-    assert_eq!(stats["cache_failures"], 2, "{stats}");
+    assert_eq!(stats["cache_failures"], 3, "{stats}");
     assert_eq!(stats["bypassed"], 2, "{stats}");
+    assert_eq!(stats["indexed"], 1, "{stats}");
     let metrics = semcache
         .http
         .get(semcache.url("/metrics"))
@@ -46,7 +73,7 @@ async fn a_failing_model_degrades_to_a_plain_proxy_and_is_counted() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("semcache_cache_failures_total 2"), "{metrics}");
+    assert!(metrics.contains("semcache_cache_failures_total 3"), "{metrics}");
 }
 
 #[tokio::test]
@@ -207,7 +234,7 @@ impl Embedder for MisshapenModel {
 }
 
 #[tokio::test]
-async fn vectors_the_index_cannot_take_degrade_to_a_plain_proxy() {
+async fn vectors_the_index_cannot_take_are_refused_and_counted() {
     for finite in [true, false] {
         let upstream = TestUpstream::start().await;
         let model = Arc::new(MisshapenModel { finite });

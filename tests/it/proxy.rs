@@ -413,3 +413,38 @@ async fn several_choices_and_other_routes_pass_through_uncached() {
     let health = semcache.http.get(semcache.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// The real model, slowed down: a long prompt on a busy machine.
+struct SlowModel(std::sync::Arc<dyn semcache::embed::Embedder>);
+
+impl semcache::embed::Embedder for SlowModel {
+    fn dimensions(&self) -> usize {
+        self.0.dimensions()
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, semcache::embed::Error> {
+        std::thread::sleep(Duration::from_millis(600));
+        self.0.embed(texts)
+    }
+}
+
+#[tokio::test]
+async fn a_prompt_with_nothing_to_compare_with_is_embedded_while_the_upstream_works() {
+    let upstream = TestUpstream::start().await;
+    let model = std::sync::Arc::new(SlowModel(crate::support::embedder()));
+    let semcache = Semcache::start_with_embedder(&upstream, model, |_| {}).await;
+    upstream.set_delay(Duration::from_millis(600));
+
+    // A new conversation: its context has no entries, so no lookup by meaning can hit and the
+    // upstream call need not wait for the model (one after the other would take 1.2 s).
+    let started = std::time::Instant::now();
+    let first = semcache.chat(&chat_body("How do I reset my password?")).await;
+    let took = started.elapsed();
+    assert_eq!(first.cache(), "miss");
+    assert!(took < Duration::from_millis(1100), "{took:?}");
+
+    // The vector was still stored: a paraphrase is served by meaning.
+    let paraphrase = semcache.chat(&chat_body("How can I reset my password?")).await;
+    assert_eq!(paraphrase.cache(), "hit");
+    assert_eq!(upstream.chat_calls(), 1);
+}
