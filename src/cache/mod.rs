@@ -922,8 +922,7 @@ mod tests {
         let config = Config {
             max_entries: 3,
             eviction: Eviction::Lru,
-            default_ttl: None,
-            embed_workers: 1,
+            ..Config::default()
         };
         let cache = Cache::new(Arc::new(FirstLetter), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;
@@ -945,8 +944,7 @@ mod tests {
         let config = Config {
             max_entries: 3,
             eviction: Eviction::Lfu,
-            default_ttl: None,
-            embed_workers: 1,
+            ..Config::default()
         };
         let cache = Cache::new(Arc::new(FirstLetter), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;
@@ -970,8 +968,7 @@ mod tests {
         let config = Config {
             max_entries: 3,
             eviction: Eviction::Lfu,
-            default_ttl: None,
-            embed_workers: 1,
+            ..Config::default()
         };
         let cache = Cache::new(Arc::new(FirstLetter), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;

@@ -109,17 +109,14 @@ fn run(
         };
         shared = batch.len() > 1;
         let others_busy = busy.fetch_add(1, Ordering::SeqCst) > 0;
-        match own_pool {
-            Some(pool) if shared || others_busy => pool.install(|| {
-                for group in by_length(batch) {
-                    embed_group(embedder, group);
-                }
-            }),
-            _ => {
-                for group in by_length(batch) {
-                    embed_group(embedder, group);
-                }
+        let pass = || {
+            for group in by_length(batch) {
+                embed_group(embedder, group);
             }
+        };
+        match own_pool {
+            Some(pool) if shared || others_busy => pool.install(pass),
+            _ => pass(),
         }
         busy.fetch_sub(1, Ordering::SeqCst);
     }

@@ -64,15 +64,7 @@ async fn a_failing_model_degrades_to_exact_caching_and_is_counted() {
     assert_eq!(stats["cache_failures"], 3, "{stats}");
     assert_eq!(stats["bypassed"], 2, "{stats}");
     assert_eq!(stats["indexed"], 1, "{stats}");
-    let metrics = semcache
-        .http
-        .get(semcache.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = semcache.get_text("/metrics").await;
     assert!(metrics.contains("semcache_cache_failures_total 3"), "{metrics}");
 }
 

@@ -290,6 +290,13 @@ impl Semcache {
         format!("http://{}{path}", self.addr)
     }
 
+    /// GETs a route that must answer 200 with text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let reply = Reply::from(self.http.get(self.url(path)).send().await.unwrap()).await;
+        assert_eq!(reply.status, 200, "{path}: {:?}", reply.body);
+        String::from_utf8(reply.body.to_vec()).unwrap()
+    }
+
     /// GETs a route that must answer 200 with JSON.
     pub async fn get_json(&self, path: &str) -> Value {
         let reply = Reply::from(self.http.get(self.url(path)).send().await.unwrap()).await;
