@@ -224,6 +224,33 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_EMBED_WORKERS", default_value_t = 0)]
     pub embed_workers: usize,
 
+    /// Most client connections open at once; past it, new ones wait to be accepted.
+    #[arg(long, env = "SEMCACHE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Seconds a client gets to send a request's headers; then its connection is closed.
+    #[arg(long, env = "SEMCACHE_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+
+    /// Seconds a request body gets before --min-body-rate applies; a body that falls behind
+    /// gets 408.
+    #[arg(long, env = "SEMCACHE_BODY_TIMEOUT", default_value_t = 10)]
+    pub body_timeout_secs: u64,
+
+    /// Least pace of a request body after --body-timeout-secs, in bytes per second.
+    #[arg(long, env = "SEMCACHE_MIN_BODY_RATE", default_value_t = 16 * 1024)]
+    pub min_body_rate: u64,
+
+    /// Seconds a keep-alive connection may stay open with no request in flight.
+    #[arg(long, env = "SEMCACHE_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Host names (besides loopback addresses, `localhost` and the listen address) that
+    /// operator routes answer to when no --admin-token is set, comma-separated. Others are
+    /// refused, so that a web page cannot reach them through DNS rebinding.
+    #[arg(long, env = "SEMCACHE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
     /// Seconds allowed to connect to the upstream.
     #[arg(long, env = "SEMCACHE_UPSTREAM_CONNECT_TIMEOUT", default_value_t = 10)]
     pub upstream_connect_timeout_secs: u64,
@@ -254,6 +281,17 @@ impl ServeArgs {
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be positive".to_owned());
         }
+        for (name, value) in [
+            ("--max-connections", self.max_connections as u64),
+            ("--header-timeout-secs", self.header_timeout_secs),
+            ("--body-timeout-secs", self.body_timeout_secs),
+            ("--min-body-rate", self.min_body_rate),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
         Ok(())
     }
 
@@ -266,6 +304,22 @@ impl ServeArgs {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n,
             },
+        }
+    }
+
+    pub fn body_limits(&self) -> crate::http::BodyLimits {
+        crate::http::BodyLimits {
+            max_bytes: self.max_body_bytes,
+            grace: Duration::from_secs(self.body_timeout_secs),
+            min_rate: self.min_body_rate,
+        }
+    }
+
+    pub fn connection_limits(&self) -> crate::http::ConnectionLimits {
+        crate::http::ConnectionLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
         }
     }
 

@@ -33,8 +33,7 @@ pub mod store;
 pub mod upstream;
 pub mod verify;
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -57,17 +56,18 @@ pub struct App {
     pub stats: Arc<Stats>,
     /// How long requests in flight may take to finish once shutdown starts.
     pub shutdown_grace: std::time::Duration,
+    pub connections: http::ConnectionLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error(transparent)]
+    #[error("setting up the upstream client: {0}")]
     Upstream(#[from] upstream::Error),
     #[error("reading saved settings: {0}")]
     Settings(#[from] settings::Error),
     #[error("reading --prices: {0}")]
     Prices(String),
-    #[error(transparent)]
+    #[error("opening the data directory: {0}")]
     Store(#[from] store::Error),
 }
 
@@ -99,8 +99,9 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         settings_store,
         stats: Arc::new(Stats::new(prices)),
         scope: args.scope,
-        max_body_bytes: args.max_body_bytes,
+        body_limits: args.body_limits(),
         admin_token: args.admin_token.as_deref().map(Arc::from),
+        allowed_hosts: http::AllowedHosts::new(args.listen, &args.allowed_hosts),
         admission: Arc::new(http::admission::Admission::new(
             args.max_in_flight,
             args.max_waiting,
@@ -115,6 +116,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         cache: Arc::clone(&state.cache),
         stats: Arc::clone(&state.stats),
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_secs),
+        connections: args.connection_limits(),
         router: http::router(state),
     })
 }
@@ -179,12 +181,7 @@ pub async fn run(
         shutdown.await;
         let _ = signalled.send(());
     };
-    let serving = axum::serve(
-        listener,
-        app.router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .into_future();
+    let serving = http::serve(listener, app.router, app.connections, shutdown);
     let grace = app.shutdown_grace;
     let grace_over = async move {
         if signal.await.is_ok() {
@@ -193,17 +190,16 @@ pub async fn run(
             std::future::pending::<()>().await;
         }
     };
-    let served = tokio::select! {
-        served = serving => served,
+    tokio::select! {
+        () = serving => {}
         () = grace_over => {
             tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period are dropped");
-            Ok(())
         }
-    };
+    }
     ticker.abort();
     upkeep.abort();
     if let Err(err) = app.cache.close_store().await {
         tracing::error!(error = %err, "could not close the store at shutdown");
     }
-    served
+    Ok(())
 }

@@ -138,14 +138,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     tracing::info!(model_dir = %args.model_dir.display(), "loading the embedding model");
     let embedder = load_model(&args.model_dir).await?;
-    let app = semcache::app(&args, embedder).context("setting up the upstream client")?;
+    let app = semcache::app(&args, embedder)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
         upstream = %args.upstream,
-        threshold = %args.threshold,
+        threshold = %app.settings.load().threshold,
         scope = ?args.scope,
         "semcache is serving"
     );

@@ -543,7 +543,7 @@ mod tests {
         let stats = Stats::default();
         let tenant = TenantId::from_api_key("sk-one");
         for i in 0..MAX_ROWS + 100 {
-            stats.record_bypass(&format!("model-{i}"), TenantId::from_api_key(&format!("sk-{i}")));
+            stats.record_bypass(&format!("model-{i}"), TenantId::from_api_key(format!("sk-{i}")));
         }
         stats.record_bypass("model-0", tenant);
         let snapshot = stats.snapshot();

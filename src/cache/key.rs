@@ -39,9 +39,15 @@ impl fmt::Debug for Digest32 {
 pub struct TenantId(pub Digest32);
 
 impl TenantId {
-    /// The tenant of clients that send no key, and of everyone under `--scope shared`.
+    /// The tenant of everyone under `--scope shared`.
     pub fn shared() -> Self {
         Self(Digest32::of("semcache/tenant/v1", &[b"shared"]))
+    }
+
+    /// The tenant of clients that send no key under `--scope tenant`: apart from the shared
+    /// one, so that entries stored under `--scope shared` are not served to them later.
+    pub fn anonymous() -> Self {
+        Self(Digest32::of("semcache/tenant/v1", &[b"anonymous"]))
     }
 
     /// The first 16 hex digits of the hash: how operators see a tenant.
@@ -49,8 +55,9 @@ impl TenantId {
         self.0.to_hex()[..16].to_owned()
     }
 
-    pub fn from_api_key(api_key: &str) -> Self {
-        Self(Digest32::of("semcache/tenant/v1", &[b"key", api_key.as_bytes()]))
+    /// The key's bytes, hashed: UTF-8 or not, every key has its own tenant.
+    pub fn from_api_key(api_key: impl AsRef<[u8]>) -> Self {
+        Self(Digest32::of("semcache/tenant/v1", &[b"key", api_key.as_ref()]))
     }
 }
 

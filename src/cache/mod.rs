@@ -146,6 +146,16 @@ impl Entry {
     }
 }
 
+/// The longest an entry is kept: lifetimes asked for beyond it (a `max-age` of `u64::MAX`
+/// seconds, a huge `--ttl`) are capped to it rather than overflowing the clock.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// When an entry stored at `now` with lifetime `ttl` expires; never panics, whatever `ttl`.
+pub fn expiry(now: SystemTime, ttl: Duration) -> SystemTime {
+    let ttl = ttl.min(MAX_TTL);
+    now.checked_add(ttl).unwrap_or(now)
+}
+
 fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -554,7 +564,7 @@ impl Cache {
             exact: key.exact,
             answer,
             created: now,
-            expires: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
+            expires: ttl.or(self.config.default_ttl).map(|ttl| expiry(now, ttl)),
             hits: AtomicU64::new(0),
             frequency: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(unix_ms(now)),
@@ -703,6 +713,8 @@ impl Cache {
     /// Background upkeep: removes expired entries, saves hit counts, compacts the index and
     /// brings its graphs up to date. Slow: call it on the blocking pool.
     pub fn maintain(&self) {
+        // Noticed here too, so that an idle server reports a lost store within one upkeep.
+        let _ = self.store_lost();
         let now = SystemTime::now();
         let (expired, touched): (Vec<u64>, Vec<Op>) = {
             let inner = self.inner.read();
@@ -775,6 +787,11 @@ impl Cache {
     }
 
     /// Changes the store could not save (disk full, I/O error): served from memory, not durable.
+    /// Why the durable store can no longer keep entries, if it cannot (its file is gone).
+    pub fn store_lost(&self) -> Option<String> {
+        self.writer.as_ref().and_then(Writer::lost)
+    }
+
     pub fn store_failures(&self) -> u64 {
         self.writer.as_ref().map_or(0, Writer::failures)
     }

@@ -1,19 +1,14 @@
-//! Operator routes: live settings, entries, flushing; and the guard in front of them.
+//! Operator routes: live settings, entries, flushing. `guard.rs` stands in front of them.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::AppState;
@@ -24,43 +19,9 @@ use crate::settings::Settings;
 
 const MAX_LIMIT: usize = 1000;
 
-/// Lets a request through when it carries the admin token or, with no token configured, when it
-/// comes from the loopback interface. A proxy client's API key never opens these routes.
-pub async fn guard(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    match &state.admin_token {
-        Some(token) => {
-            let given = request
-                .headers()
-                .get(AUTHORIZATION)
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !same_secret(given, token) {
-                return Err(ApiError::Unauthorized);
-            }
-        }
-        None if !peer.ip().is_loopback() => return Err(ApiError::Forbidden),
-        None => {}
-    }
-    Ok(next.run(request).await)
-}
-
-/// Compares two secrets in time independent of where they differ: both are hashed first, so
-/// the comparison runs over equal-length digests.
-fn same_secret(given: &str, expected: &str) -> bool {
-    let given = Sha256::digest(given.as_bytes());
-    let expected = Sha256::digest(expected.as_bytes());
-    given
-        .iter()
-        .zip(expected.iter())
-        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-        == 0
-}
+/// Most characters of a prompt that `/admin/entries` shows; a longer one is cut there and
+/// marked `prompt_truncated`, with its whole length in `prompt_chars`.
+pub const SHOWN_PROMPT_CHARS: usize = 1000;
 
 /// Parses a JSON object body into `T`, answering in OpenAI's error shape when it does not fit.
 fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -83,7 +44,7 @@ fn config_json(state: &AppState) -> Value {
             Scope::Tenant => "tenant",
             Scope::Shared => "shared",
         },
-        "max_body_bytes": state.max_body_bytes,
+        "max_body_bytes": state.body_limits.max_bytes,
         "admin_token_set": state.admin_token.is_some(),
     })
 }
@@ -135,9 +96,16 @@ fn entry_json(entry: &Entry, similarity: Option<f32>) -> Value {
         .created
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let chars = entry.prompt.chars().count();
+    let shown = match entry.prompt.char_indices().nth(SHOWN_PROMPT_CHARS) {
+        Some((end, _)) => &entry.prompt[..end],
+        None => entry.prompt.as_str(),
+    };
     let mut value = json!({
         "id": entry.id,
-        "prompt": entry.prompt,
+        "prompt": shown,
+        "prompt_chars": chars,
+        "prompt_truncated": chars > SHOWN_PROMPT_CHARS,
         "model": entry.answer.model,
         "tenant": entry.tenant.short_hex(),
         "hits": entry.hits.load(std::sync::atomic::Ordering::Relaxed),
@@ -324,12 +292,5 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
-    }
-
-    #[test]
-    fn secrets_compare_by_content() {
-        assert!(same_secret("admin-token-0123456789", "admin-token-0123456789"));
-        assert!(!same_secret("admin-token-0123456788", "admin-token-0123456789"));
-        assert!(!same_secret("", "admin-token-0123456789"));
     }
 }

@@ -10,9 +10,9 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::body::Held;
 use super::{ApiError, AppState};
 
 pub struct Admission {
@@ -59,10 +59,8 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
         state.stats.record_shed();
         return ApiError::Overloaded.into_response();
     };
-    let (parts, body) = next.run(request).await.into_parts();
-    let body = body.into_data_stream().map(move |chunk| {
-        let _turn = &permit;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(body))
+    // The body keeps its exact length, so a JSON answer still goes out with Content-Length.
+    next.run(request)
+        .await
+        .map(|body| Body::new(Held::new(body, permit)))
 }

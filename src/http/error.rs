@@ -1,6 +1,6 @@
 //! Errors as clients see them: OpenAI's error shape, so that OpenAI SDKs parse them.
 
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{CONNECTION, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,6 +17,14 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body")]
     BodyUnreadable,
+    #[error("the request body did not arrive in time: it must start within {grace_secs} s and then arrive at {min_rate} bytes per second at least")]
+    BodyTimeout { grace_secs: u64, min_rate: u64 },
+    #[error("{0}")]
+    BadApiKey(&'static str),
+    #[error("the path {0:?} is refused: it holds dot segments or backslashes (encoded or not), which could leave the upstream's base path")]
+    BadPath(String),
+    #[error("{0}")]
+    UnsupportedMediaType(&'static str),
     #[error("header {header}: {message}")]
     BadHeader { header: &'static str, message: String },
     #[error(transparent)]
@@ -25,6 +33,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("admin routes answer only to loopback clients unless semcache runs with --admin-token")]
     Forbidden,
+    #[error("{0}")]
+    CrossSite(String),
     #[error("{0}")]
     NotFound(String),
     #[error("the embedding model failed: {0}")]
@@ -54,6 +64,30 @@ impl ApiError {
                 None,
             ),
             ApiError::BodyUnreadable => (StatusCode::BAD_REQUEST, "invalid_request_error", None, None),
+            ApiError::BodyTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+                None,
+            ),
+            ApiError::BadApiKey(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                None,
+            ),
+            ApiError::BadPath(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_path"),
+                None,
+            ),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+            ),
             ApiError::BadHeader { header, .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -82,6 +116,12 @@ impl ApiError {
                 StatusCode::FORBIDDEN,
                 "permission_error",
                 Some("loopback_only"),
+                None,
+            ),
+            ApiError::CrossSite(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("cross_site_refused"),
                 None,
             ),
             ApiError::NotFound(_) => (
@@ -133,10 +173,19 @@ impl IntoResponse for ApiError {
             }
         };
         let mut response = (status, Json(error_body(&message, kind, code, param.as_deref()))).into_response();
-        if matches!(self, ApiError::Overloaded) {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(OVERLOAD_RETRY_AFTER_SECS));
+        match self {
+            ApiError::Overloaded => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(OVERLOAD_RETRY_AFTER_SECS));
+            }
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            ApiError::BodyTimeout { .. } => {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

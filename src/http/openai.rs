@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -15,12 +15,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::auth::tenant_of;
 use super::error::{error_body, ApiError};
 use super::AppState;
 use crate::cache::{
     Answer, Criteria, Feedback, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage,
 };
-use crate::config::Scope;
 use crate::embed;
 use crate::openai::sse::{self, Assembler, Parser};
 use crate::openai::ChatRequest;
@@ -31,6 +31,9 @@ const X_SEMCACHE: HeaderName = HeaderName::from_static("x-semcache");
 const X_SIMILARITY: HeaderName = HeaderName::from_static("x-semcache-similarity");
 const X_ENTRY: HeaderName = HeaderName::from_static("x-semcache-entry");
 const X_THRESHOLD: &str = "x-semcache-threshold";
+/// Answers belong to one tenant: no shared HTTP cache in front of semcache may keep them.
+const PRIVATE: HeaderValue = HeaderValue::from_static("private");
+const PRIVATE_STREAM: &str = "private, no-cache";
 
 /// How the cache treated a request, as told in the `x-semcache` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,16 +90,14 @@ impl Controls {
                     }
                     directive => {
                         if let Some(seconds) = directive.strip_prefix("max-age=") {
-                            let seconds: u64 =
-                                seconds
-                                    .trim_matches('"')
-                                    .parse()
-                                    .map_err(|_| ApiError::BadHeader {
-                                        header: "cache-control",
-                                        message: format!(
-                                            "max-age must be a whole number of seconds, got {seconds:?}"
-                                        ),
-                                    })?;
+                            let seconds = delta_seconds(seconds.trim_matches('"')).ok_or_else(|| {
+                                ApiError::BadHeader {
+                                    header: "cache-control",
+                                    message: format!(
+                                        "max-age must be a whole number of seconds, got {seconds:?}"
+                                    ),
+                                }
+                            })?;
                             controls.max_age = Some(Duration::from_secs(seconds));
                         }
                     }
@@ -133,20 +134,28 @@ impl Controls {
     }
 }
 
+/// A `max-age` value: digits only. As RFC 9111 asks, a value too large to represent is taken as
+/// the largest one rather than refused; the cache caps lifetimes at [`crate::cache::MAX_TTL`].
+fn delta_seconds(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse().unwrap_or(u64::MAX))
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (bytes, request, controls) = match prepare(&state, &headers, body).await {
+    let (bytes, request, controls, tenant) = match prepare(&state, &headers, body).await {
         Ok(prepared) => prepared,
         Err(err) => {
             state.stats.record_rejected();
             return Err(err);
         }
     };
-    let tenant = tenant_of(state.scope, &headers);
 
     // Answers with several choices are not stored, so they are not looked up either.
     let cache_input = (!controls.skip_store && request.n == 1)
@@ -228,11 +237,12 @@ async fn prepare(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Bytes, ChatRequest, Controls), ApiError> {
-    let bytes = read_body(body, state.max_body_bytes).await?;
+) -> Result<(Bytes, ChatRequest, Controls, TenantId), ApiError> {
+    let tenant = tenant_of(state.scope, headers)?;
+    let bytes = read_body(body, state.body_limits.max_bytes).await?;
     let request = ChatRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
     let controls = Controls::from_headers(headers, &state.settings.load())?;
-    Ok((bytes, request, controls))
+    Ok((bytes, request, controls, tenant))
 }
 
 /// Sends a chat completion upstream, counting the call and its failure.
@@ -353,7 +363,7 @@ impl Miss {
         let mut response = Response::new(Body::from_stream(ReceiverStream::new(receiver)));
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static(PRIVATE_STREAM));
         headers.insert(X_SEMCACHE, Outcome::Miss.header());
         Ok(response)
     }
@@ -531,10 +541,12 @@ fn serve_hit(state: &AppState, request: &ChatRequest, hit: &Hit, started: Instan
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         response
             .headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            .insert(CACHE_CONTROL, HeaderValue::from_static(PRIVATE_STREAM));
         response
     } else {
-        axum::Json(completion).into_response()
+        let mut response = axum::Json(completion).into_response();
+        response.headers_mut().insert(CACHE_CONTROL, PRIVATE);
+        response
     };
     let headers = response.headers_mut();
     headers.insert(X_SEMCACHE, Outcome::Hit.header());
@@ -552,12 +564,14 @@ async fn forward_chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Res
     let status = response.status();
     let response_headers = response.headers().clone();
     let body = Body::from_stream(response.bytes_stream());
-    Ok(passthrough_response(
-        status,
-        &response_headers,
-        body,
-        Outcome::Bypass,
-    ))
+    let mut response = passthrough_response(status, &response_headers, body, Outcome::Bypass);
+    // Relayed as it comes, but with the upstream's length when it gave one.
+    if let Some(length) = response_headers.get(CONTENT_LENGTH) {
+        if !response_headers.contains_key(TRANSFER_ENCODING) {
+            response.headers_mut().insert(CONTENT_LENGTH, length.clone());
+        }
+    }
+    Ok(response)
 }
 
 fn passthrough_response(
@@ -575,6 +589,7 @@ fn passthrough_response(
         }
     }
     headers.insert(X_SEMCACHE, outcome.header());
+    headers.insert(CACHE_CONTROL, PRIVATE);
     response
 }
 
@@ -594,7 +609,7 @@ pub async fn feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(body, state.max_body_bytes).await?;
+    let bytes = read_body(body, state.body_limits.max_bytes).await?;
     let request: FeedbackRequest = serde_json::from_slice(&bytes).map_err(|err| {
         ApiError::InvalidRequest(crate::openai::Invalid {
             message: format!("Invalid feedback: {err}. Expected {{\"entry_id\": 42, \"correct\": false}}."),
@@ -607,7 +622,7 @@ pub async fn feedback(
             param: Some("similarity".to_owned()),
         }));
     }
-    let tenant = tenant_of(state.scope, &headers);
+    let tenant = tenant_of(state.scope, &headers)?;
     let not_found = || ApiError::NotFound(format!("No entry with id {} for this API key.", request.entry_id));
     let entry = state.cache.get(request.entry_id).ok_or_else(not_found)?;
     if entry.tenant != tenant {
@@ -637,9 +652,11 @@ pub(crate) fn feedback_json(entry_id: u64, outcome: Feedback) -> Value {
 /// Any other `/v1/*` call: forwarded as it is, streamed both ways, never cached.
 pub async fn forward(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
+    confined(parts.uri.path())?;
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let path_and_query = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
-    let body = reqwest::Body::wrap_stream(body.into_data_stream());
+    // Read whole already (`body::buffered`): this takes it, with its length.
+    let body = reqwest::Body::from(read_body(body, state.body_limits.max_bytes).await?);
     let response = state
         .upstream
         .send(parts.method, path_and_query, &parts.headers, body)
@@ -651,41 +668,61 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Result<
             forwarded.headers_mut().append(name.clone(), value.clone());
         }
     }
+    // What the upstream says about caching stands; by default, an answer is its caller's.
+    if !forwarded.headers().contains_key(CACHE_CONTROL) {
+        forwarded.headers_mut().insert(CACHE_CONTROL, PRIVATE);
+    }
     *forwarded.body_mut() = Body::from_stream(response.bytes_stream());
     Ok(forwarded)
+}
+
+/// Refuses a path that could leave the upstream's base path once the upstream, or a proxy in
+/// front of it, resolves it: dot segments and backslashes, percent-encoded (even twice) or not,
+/// and `..;` path parameters. The operator's upstream key goes with every forwarded call, so
+/// a client must not be able to aim it anywhere else on that host.
+fn confined(path: &str) -> Result<(), ApiError> {
+    let mut decoded = path.as_bytes().to_vec();
+    for _ in 0..3 {
+        let once = percent_decoded(&decoded);
+        if once == decoded {
+            break;
+        }
+        decoded = once;
+    }
+    let escapes = decoded.contains(&b'\\')
+        || decoded.split(|b| *b == b'/').any(|segment| {
+            let segment = segment.split(|b| *b == b';').next().unwrap_or_default();
+            segment == b"." || segment == b".."
+        });
+    if escapes {
+        return Err(ApiError::BadPath(path.to_owned()));
+    }
+    Ok(())
+}
+
+fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "te"
-            | "trailer"
-            | "content-length"
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" | "te" | "trailer"
     )
-}
-
-/// The tenant a request belongs to: its bearer key, hashed.
-fn tenant_of(scope: Scope, headers: &HeaderMap) -> TenantId {
-    match scope {
-        Scope::Shared => TenantId::shared(),
-        Scope::Tenant => headers
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .map(|value| value.trim())
-            .map(|value| {
-                let key = value
-                    .get(..7)
-                    .filter(|prefix| prefix.eq_ignore_ascii_case("bearer "))
-                    .map_or(value, |_| value[7..].trim());
-                TenantId::from_api_key(key)
-            })
-            .unwrap_or_else(TenantId::shared),
-    }
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -699,6 +736,102 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             } else {
                 Err(ApiError::BodyUnreadable)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn controls(cache_control: &str, threshold: Option<&str>) -> Option<Result<Controls, ApiError>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CACHE_CONTROL, HeaderValue::from_str(cache_control).ok()?);
+        if let Some(threshold) = threshold {
+            headers.insert(X_THRESHOLD, HeaderValue::from_str(threshold).ok()?);
+        }
+        let settings = Settings {
+            threshold: 0.82,
+            verify: true,
+        };
+        Some(Controls::from_headers(&headers, &settings))
+    }
+
+    #[test]
+    fn huge_max_ages_saturate() {
+        for value in [
+            "18446744073709551615",
+            "9223372036854775807",
+            "99999999999999999999999999",
+        ] {
+            let parsed = controls(&format!("max-age={value}"), None).unwrap().unwrap();
+            let now = SystemTime::now();
+            let expires = crate::cache::expiry(now, parsed.max_age.unwrap());
+            assert_eq!(expires.duration_since(now).unwrap(), crate::cache::MAX_TTL);
+        }
+        assert!(controls("max-age=-1", None).unwrap().is_err());
+        assert!(controls("max-age=1e9", None).unwrap().is_err());
+    }
+
+    proptest! {
+        /// No per-request control, however odd, panics: neither parsing it nor the lifetime it
+        /// gives the entry the request stores.
+        #[test]
+        fn per_request_controls_never_panic(
+            directive in "[ -~]{0,40}",
+            seconds in any::<u64>(),
+            digits in "[0-9]{1,40}",
+            threshold in "[ -~]{0,12}",
+        ) {
+            let now = SystemTime::now();
+            for header in [
+                directive.clone(),
+                format!("max-age={seconds}"),
+                format!("no-cache, max-age={digits}"),
+                format!("max-age=\"{digits}\", {directive}"),
+            ] {
+                for threshold in [None, Some(threshold.as_str())] {
+                    if let Some(Ok(controls)) = controls(&header, threshold) {
+                        prop_assert!((0.0..=1.0).contains(&controls.threshold));
+                        if let Some(max_age) = controls.max_age {
+                            let expires = crate::cache::expiry(now, max_age);
+                            prop_assert!(expires >= now);
+                            prop_assert!(expires.duration_since(now).unwrap() <= crate::cache::MAX_TTL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paths_stay_under_the_base() {
+        for good in [
+            "/v1/models",
+            "/v1/files/file-abc/content",
+            "/v1/models/ft:gpt-4o:org:x",
+            "/v1/a.b/c..d",
+            "/v1/models/meta-llama%2FLlama-3",
+        ] {
+            assert!(confined(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "/v1/../__reset",
+            "/v1/../../internal/secret",
+            "/v1/..\\admin",
+            "/v1/%2e%2e/__reset",
+            "/v1/%2E%2e/x",
+            "/v1/.%2e/x",
+            "/v1/%252e%252e/x",
+            "/v1/models/%2e%2e%2f%2e%2e/x",
+            "/v1/a/%5c..",
+            "/v1/..;/admin",
+            "/v1/./models",
+            "/v1/models/..",
+        ] {
+            assert!(confined(bad).is_err(), "{bad}");
         }
     }
 }

@@ -53,6 +53,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "shed": s.shed,
         "cache_failures": s.cache_failures,
         "store_failures": state.cache.store_failures(),
+        "store_lost": state.cache.store_lost(),
         "hit_rate": (s.hit_rate() * 10_000.0).round() / 10_000.0,
         "upstream_calls": s.upstream_calls,
         "upstream_errors": s.upstream_errors,
@@ -84,6 +85,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         &snapshot,
         state.cache.len(),
         state.cache.store_failures(),
+        state.cache.store_lost().is_some(),
         state.settings.load().threshold,
         state.stats.hit_similarity.sum(),
         state.stats.near_miss_similarity.sum(),
@@ -103,6 +105,7 @@ fn prometheus_text(
     s: &Snapshot,
     entries: usize,
     store_failures: u64,
+    store_lost: bool,
     threshold: f32,
     hit_sum: f64,
     near_sum: f64,
@@ -149,6 +152,12 @@ fn prometheus_text(
         "counter",
         "Changes the store could not save (disk full, I/O error); the entries stay in memory.",
         &plain(store_failures as f64),
+    );
+    family(
+        "semcache_store_ok",
+        "gauge",
+        "1 while the store file is the one opened at start; 0 once it was removed or replaced (new entries then live in memory only).",
+        &plain(if store_lost { 0.0 } else { 1.0 }),
     );
     family(
         "semcache_upstream_calls_total",

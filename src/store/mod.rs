@@ -113,6 +113,46 @@ pub enum Op {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    identity: FileIdentity,
+}
+
+/// Which file the store is: device and inode, as opened. A data directory removed or replaced
+/// while semcache runs leaves redb writing to a file no path leads to, and every commit still
+/// succeeds; comparing this with what the path names now is how that is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        })
+    }
+}
+
+/// Why the file at `path` is no longer the store opened as `identity`, if it is not.
+pub fn moved_away(path: &Path, identity: FileIdentity) -> Option<String> {
+    match FileIdentity::of(path) {
+        Ok(now) if now == identity => None,
+        Ok(_) => Some(format!(
+            "the store file {} was replaced by another file while semcache ran",
+            path.display()
+        )),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "the store file {} was removed while semcache ran (was the data directory deleted?)",
+            path.display()
+        )),
+        Err(err) => Some(format!(
+            "the store file {} cannot be checked: {err}",
+            path.display()
+        )),
+    }
 }
 
 impl Store {
@@ -130,7 +170,8 @@ impl Store {
             .set_cache_size(STORE_CACHE_BYTES)
             .create(&path)
             .map_err(|err| open_error(err.to_string()))?;
-        let store = Self { db, path };
+        let identity = FileIdentity::of(&path).map_err(|err| open_error(err.to_string()))?;
+        let store = Self { db, path, identity };
         store.check_version()?;
         Ok(store)
     }
@@ -165,6 +206,10 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn identity(&self) -> FileIdentity {
+        self.identity
     }
 
     /// Reads every record, calling `progress(done, total)` as it goes. Embeddings are moved

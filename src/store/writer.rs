@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Error, Op, Store};
+use super::{Error, FileIdentity, Op, Store};
 
 /// When an entry is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -34,8 +34,35 @@ struct Job {
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
     durability: Durability,
-    /// Changes that could not be saved (disk full, I/O error).
+    /// Changes that could not be saved (disk full, I/O error, the file gone).
     failures: Arc<AtomicU64>,
+    place: Arc<Place>,
+}
+
+/// Where the store file is, and whether it is still there.
+struct Place {
+    path: PathBuf,
+    identity: FileIdentity,
+    /// Set once the file at `path` is no longer the one opened: from then on nothing written
+    /// would survive a restart, so every commit is refused (and counted) until then.
+    lost: OnceLock<String>,
+}
+
+impl Place {
+    /// Checks the file; the first time it is found gone, says so in the log.
+    fn check(&self) -> Option<&str> {
+        if self.lost.get().is_none() {
+            if let Some(reason) = super::moved_away(&self.path, self.identity) {
+                if self.lost.set(reason.clone()).is_ok() {
+                    tracing::error!(
+                        %reason,
+                        "the store is lost: new entries are served from memory only and will not survive a restart; restart semcache to open a new store"
+                    );
+                }
+            }
+        }
+        self.lost.get().map(String::as_str)
+    }
 }
 
 impl Writer {
@@ -44,15 +71,28 @@ impl Writer {
         let (jobs, queue) = mpsc::channel::<Job>();
         let failures = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&failures);
+        let place = Arc::new(Place {
+            path: store.path().to_owned(),
+            identity: store.identity(),
+            lost: OnceLock::new(),
+        });
+        let checked = Arc::clone(&place);
         std::thread::Builder::new()
             .name("semcache-store".into())
-            .spawn(move || drain(store, queue, durability, window, &counted))
+            .spawn(move || drain(store, queue, durability, window, &counted, &checked))
             .expect("the store writer thread starts");
         Self {
             jobs,
             durability,
             failures,
+            place,
         }
+    }
+
+    /// Why the store can no longer keep entries, if it cannot: its file was removed or
+    /// replaced. Checks the file now.
+    pub fn lost(&self) -> Option<String> {
+        self.place.check().map(str::to_owned)
     }
 
     /// Changes that could not be saved so far.
@@ -169,6 +209,7 @@ fn drain(
     durability: Durability,
     window: Duration,
     failures: &AtomicU64,
+    place: &Place,
 ) {
     let mut database = Database {
         data_dir: store.path().parent().map_or_else(PathBuf::new, PathBuf::from),
@@ -197,6 +238,8 @@ fn drain(
         let ops: Vec<Op> = ops.into_iter().flatten().collect();
         let result = if ops.is_empty() {
             Ok(())
+        } else if let Some(lost) = place.check() {
+            Err(lost.to_owned())
         } else {
             database.apply(&ops)
         };

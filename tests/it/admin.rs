@@ -15,7 +15,10 @@ const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
 impl Semcache {
     async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
-        let mut request = self.http.request(method, self.url(path));
+        let mut request = self
+            .http
+            .request(method, self.url(path))
+            .header("content-type", "application/json");
         if let Some(body) = body {
             request = request.json(&body);
         }

@@ -8,6 +8,7 @@ mod eval;
 mod faults;
 mod fingerprint;
 mod fuzz_corpus;
+mod hardening;
 mod overload;
 mod proxy;
 mod quality;

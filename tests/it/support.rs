@@ -45,6 +45,8 @@ struct UpstreamState {
     mode: Mutex<Option<Mode>>,
     delay: Mutex<Duration>,
     authorizations: Mutex<Vec<String>>,
+    /// Method, path and Authorization of every call to a route it does not serve.
+    strays: Mutex<Vec<(String, String, String)>>,
 }
 
 pub struct TestUpstream {
@@ -58,6 +60,7 @@ impl TestUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
+            .fallback(stray)
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -83,6 +86,11 @@ impl TestUpstream {
 
     pub fn set_delay(&self, delay: Duration) {
         *self.state.delay.lock() = delay;
+    }
+
+    /// Calls to routes the test upstream does not serve: (method, path, authorization).
+    pub fn strays(&self) -> Vec<(String, String, String)> {
+        self.state.strays.lock().clone()
     }
 
     /// The Authorization headers the upstream received, in order.
@@ -186,6 +194,23 @@ async fn chat(
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
         .unwrap()
+}
+
+async fn stray(
+    State(state): State<Arc<UpstreamState>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> StatusCode {
+    let auth = headers
+        .get("authorization")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    state
+        .strays
+        .lock()
+        .push((method.to_string(), uri.path().to_owned(), auth));
+    StatusCode::NOT_FOUND
 }
 
 async fn models(State(state): State<Arc<UpstreamState>>) -> Json<Value> {
@@ -481,4 +506,124 @@ pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> Process {
         addr: addr.parse().unwrap(),
         output,
     }
+}
+
+/// An HTTP/1 exchange written and read byte for byte, for what a client library would not
+/// send (dot segments, odd headers, trickled bodies).
+pub struct Raw {
+    pub stream: tokio::net::TcpStream,
+}
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|err| panic!("{err}: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one response with a `Content-Length` (or up to the end of the connection).
+    pub async fn response(&mut self) -> RawReply {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let read = self.stream.read(&mut chunk).await.unwrap();
+            assert!(
+                read > 0,
+                "connection closed before a response: {:?}",
+                String::from_utf8_lossy(&buffer)
+            );
+            buffer.extend_from_slice(&chunk[..read]);
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut body = buffer[head_end + 4..].to_vec();
+        let length = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map(|(_, v)| v.parse::<usize>().unwrap());
+        match length {
+            Some(length) => {
+                while body.len() < length {
+                    let read = self.stream.read(&mut chunk).await.unwrap();
+                    assert!(read > 0, "connection closed inside a body");
+                    body.extend_from_slice(&chunk[..read]);
+                }
+            }
+            None => {
+                let _ = self.stream.read_to_end(&mut body).await;
+            }
+        }
+        RawReply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether the server closes the connection within `within` (reading and dropping
+    /// whatever it sends first).
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        tokio::time::timeout(within, async {
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+/// A request line and headers, with `Content-Length` for `body`.
+pub fn raw_request(method: &str, path: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }
