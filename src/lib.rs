@@ -91,13 +91,15 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         Some(path) => PriceTable::with_file(path).map_err(SetupError::Prices)?,
         None => PriceTable::default(),
     };
-    let cache = open_cache(args, embedder)?;
+    let cache = Arc::new(open_cache(args, embedder)?);
+    let stats = Arc::new(Stats::new(prices));
     let state = http::AppState {
-        cache: Arc::new(cache),
+        service: Arc::new(cache::Service::new(Arc::clone(&cache), Arc::clone(&stats))),
+        cache,
         upstream: Arc::new(upstream::Upstream::new(args.upstream_config())?),
         settings: settings::shared(settings),
         settings_store,
-        stats: Arc::new(Stats::new(prices)),
+        stats,
         scope: args.scope,
         body_limits: args.body_limits(),
         admin_token: args.admin_token.as_deref().map(Arc::from),

@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,6 +63,34 @@ pub const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
     "x-ratelimit-reset-tokens",
 ];
 
+/// An upstream answer as the rest of semcache sees it: reqwest stays inside this module.
+pub struct UpstreamReply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The body as it arrives.
+    pub body: BoxStream<'static, Result<Bytes, Error>>,
+}
+
+impl UpstreamReply {
+    fn from_reqwest(response: reqwest::Response) -> Self {
+        Self {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: response.bytes_stream().map_err(Error::from).boxed(),
+        }
+    }
+
+    /// The whole body.
+    pub async fn bytes(self) -> Result<Bytes, Error> {
+        let mut body = Vec::new();
+        let mut stream = self.body;
+        while let Some(chunk) = stream.next().await {
+            body.extend_from_slice(&chunk?);
+        }
+        Ok(Bytes::from(body))
+    }
+}
+
 pub struct Upstream {
     client: reqwest::Client,
     config: Config,
@@ -84,8 +114,8 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         client_headers: &HeaderMap,
-        body: reqwest::Body,
-    ) -> Result<reqwest::Response, Error> {
+        body: Bytes,
+    ) -> Result<UpstreamReply, Error> {
         let url = format!("{}{path_and_query}", self.config.base_url);
         let mut headers = HeaderMap::new();
         for name in FORWARDED_REQUEST_HEADERS {
@@ -109,20 +139,25 @@ impl Upstream {
                 }
             }
         }
-        Ok(self
+        let response = self
             .client
             .request(method, url)
             .headers(headers)
             .body(body)
             .send()
-            .await?)
+            .await?;
+        Ok(UpstreamReply::from_reqwest(response))
     }
 
-    /// Posts a chat completion body.
-    pub async fn chat(&self, client_headers: &HeaderMap, body: Bytes) -> Result<reqwest::Response, Error> {
+    /// Posts a JSON body to `path` (a cached surface's, such as `/chat/completions`).
+    pub async fn post_json(
+        &self,
+        path: &str,
+        client_headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamReply, Error> {
         let mut headers = client_headers.clone();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        self.send(Method::POST, "/chat/completions", &headers, body.into())
-            .await
+        self.send(Method::POST, path, &headers, body).await
     }
 }

@@ -22,12 +22,15 @@ pub enum FlightOutcome {
 #[derive(Default)]
 pub(super) struct Flights {
     table: Table,
+    /// Requests that joined another's upstream call instead of making their own.
+    followers: std::sync::atomic::AtomicU64,
 }
 
 impl Flights {
     pub(super) fn join(&self, key: ExactKey) -> Join {
         let mut table = self.table.lock();
         if let Some(receiver) = table.get(&key) {
+            self.followers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Join::Follower(receiver.clone());
         }
         let (sender, receiver) = watch::channel(FlightOutcome::Pending);
@@ -37,6 +40,12 @@ impl Flights {
             sender,
             table: Arc::clone(&self.table),
         })
+    }
+}
+
+impl Flights {
+    pub(super) fn followers(&self) -> u64 {
+        self.followers.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

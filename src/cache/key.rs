@@ -65,6 +65,15 @@ impl TenantId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub Digest32);
 
+/// The parts of a request the cache keys on, as a protocol derives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheInput {
+    pub fingerprint: Fingerprint,
+    /// The text compared by meaning (for chat completions, the last user message's text
+    /// parts, joined by newlines).
+    pub prompt: String,
+}
+
 /// The exact-match key: tenant, fingerprint and the prompt byte for byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExactKey(pub Digest32);

@@ -4,6 +4,8 @@
 
 mod flight;
 mod key;
+mod protocol;
+mod service;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -15,7 +17,9 @@ use parking_lot::RwLock;
 use rand::Rng;
 
 pub use flight::{Flight, FlightOutcome, Join};
-pub use key::{partition_of, Digest32, ExactKey, Fingerprint, RequestKey, TenantId};
+pub use key::{partition_of, CacheInput, Digest32, ExactKey, Fingerprint, RequestKey, TenantId};
+pub use protocol::{Invalid, Protocol, Replay, StreamItem, StreamReader};
+pub use service::{CacheRequest, Controls, Outcome, Served, ServedBody, Service};
 
 use crate::embed::{self, Batcher, Embedder};
 use crate::index::Index;
@@ -804,6 +808,12 @@ impl Cache {
     /// Joins the in-flight upstream call for this exact key, or becomes its leader.
     pub fn join(&self, key: &RequestKey) -> Join {
         self.flights.join(key.exact)
+    }
+
+    /// Requests so far that waited for another's identical upstream call instead of making
+    /// their own.
+    pub fn coalesced(&self) -> u64 {
+        self.flights.followers()
     }
 }
 

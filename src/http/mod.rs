@@ -29,7 +29,7 @@ pub use error::ApiError;
 pub use guard::AllowedHosts;
 pub use serve::{serve, ConnectionLimits};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Service};
 use crate::config::Scope;
 use crate::settings::{SettingsStore, SharedSettings};
 use crate::stats::Stats;
@@ -37,6 +37,8 @@ use crate::upstream::Upstream;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// The caching core; `cache` and `stats` are its parts, for the operator routes.
+    pub service: Arc<Service>,
     pub cache: Arc<Cache>,
     pub upstream: Arc<Upstream>,
     pub settings: SharedSettings,

@@ -1,8 +1,11 @@
 //! The OpenAI-compatible routes: cached chat completions and plain forwarding of the rest.
+//!
+//! Chat completions are converted here and nothing more: wire format and headers to a
+//! [`CacheRequest`], and the core's [`Served`] back to a response. The flow itself (lookup,
+//! coalescing, what is stored and when) is `cache::Service`'s.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -10,20 +13,16 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_E
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use rand::Rng;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::tenant_of;
-use super::error::{error_body, ApiError};
+use super::error::ApiError;
 use super::AppState;
 use crate::cache::{
-    Answer, Criteria, Feedback, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId, Usage,
+    CacheRequest, Controls, Criteria, Feedback, Outcome, Protocol, Replay, Served, ServedBody,
 };
-use crate::embed;
-use crate::openai::sse::{self, Assembler, Parser};
-use crate::openai::ChatRequest;
+use crate::openai::ChatCompletions;
 use crate::settings::Settings;
 use crate::upstream::FORWARDED_RESPONSE_HEADERS;
 
@@ -36,102 +35,76 @@ const PRIVATE: HeaderValue = HeaderValue::from_static("private");
 const PRIVATE_STREAM: &str = "private, no-cache";
 
 /// How the cache treated a request, as told in the `x-semcache` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Hit,
-    Miss,
-    Bypass,
+fn outcome_header(outcome: Outcome) -> HeaderValue {
+    HeaderValue::from_static(match outcome {
+        Outcome::Hit => "hit",
+        Outcome::Miss => "miss",
+        Outcome::Bypass => "bypass",
+    })
 }
 
-impl Outcome {
-    fn header(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Bypass => "bypass",
-        })
-    }
-}
-
-/// What the client asked of the cache for this request.
-#[derive(Debug, Clone, Copy)]
-struct Controls {
-    /// `Cache-Control: no-cache`: do not look up, but store the fresh answer.
-    skip_lookup: bool,
-    /// `Cache-Control: no-store`: neither look up nor store.
-    skip_store: bool,
-    threshold: f32,
-    /// `Cache-Control: max-age=N`: serve nothing older, and keep the new answer that long.
-    max_age: Option<Duration>,
-    verify: bool,
-}
-
-impl Controls {
-    fn from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Self, ApiError> {
-        let configured_threshold = settings.threshold;
-        let mut controls = Controls {
-            skip_lookup: false,
-            skip_store: false,
+/// What the client asked of the cache, from `Cache-Control` and `x-semcache-threshold`.
+fn controls_from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Controls, ApiError> {
+    let configured_threshold = settings.threshold;
+    let mut controls = Controls {
+        skip_lookup: false,
+        skip_store: false,
+        criteria: Criteria {
             threshold: configured_threshold,
             max_age: None,
             verify: settings.verify,
-        };
-        for value in headers.get_all(CACHE_CONTROL) {
-            let value = value.to_str().map_err(|_| ApiError::BadHeader {
-                header: "cache-control",
-                message: "not valid ASCII".to_owned(),
-            })?;
-            for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
-                match directive.as_str() {
-                    "no-cache" => controls.skip_lookup = true,
-                    "no-store" => {
-                        controls.skip_lookup = true;
-                        controls.skip_store = true;
-                    }
-                    directive => {
-                        if let Some(seconds) = directive.strip_prefix("max-age=") {
-                            let seconds = delta_seconds(seconds.trim_matches('"')).ok_or_else(|| {
-                                ApiError::BadHeader {
-                                    header: "cache-control",
-                                    message: format!(
-                                        "max-age must be a whole number of seconds, got {seconds:?}"
-                                    ),
-                                }
+        },
+        ttl: None,
+    };
+    for value in headers.get_all(CACHE_CONTROL) {
+        let value = value.to_str().map_err(|_| ApiError::BadHeader {
+            header: "cache-control",
+            message: "not valid ASCII".to_owned(),
+        })?;
+        for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
+            match directive.as_str() {
+                "no-cache" => controls.skip_lookup = true,
+                "no-store" => {
+                    controls.skip_lookup = true;
+                    controls.skip_store = true;
+                }
+                directive => {
+                    if let Some(seconds) = directive.strip_prefix("max-age=") {
+                        let seconds =
+                            delta_seconds(seconds.trim_matches('"')).ok_or_else(|| ApiError::BadHeader {
+                                header: "cache-control",
+                                message: format!(
+                                    "max-age must be a whole number of seconds, got {seconds:?}"
+                                ),
                             })?;
-                            controls.max_age = Some(Duration::from_secs(seconds));
-                        }
+                        // Serve nothing older, and keep the new answer that long.
+                        let max_age = Duration::from_secs(seconds);
+                        controls.criteria.max_age = Some(max_age);
+                        controls.ttl = Some(max_age);
                     }
                 }
             }
         }
-        if let Some(value) = headers.get(X_THRESHOLD) {
-            let bad = |message: String| ApiError::BadHeader {
-                header: X_THRESHOLD,
-                message,
-            };
-            let threshold: f32 = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|t: &f32| (0.0..=1.0).contains(t))
-                .ok_or_else(|| bad("must be a number between 0 and 1".to_owned()))?;
-            if threshold < configured_threshold {
-                return Err(bad(format!(
-                    "{threshold} is below the configured threshold {configured_threshold}; a request may only ask for a stricter one"
-                )));
-            }
-            controls.threshold = threshold;
-        }
-        Ok(controls)
     }
-
-    fn criteria(&self) -> Criteria {
-        Criteria {
-            threshold: self.threshold,
-            max_age: self.max_age,
-            verify: self.verify,
+    if let Some(value) = headers.get(X_THRESHOLD) {
+        let bad = |message: String| ApiError::BadHeader {
+            header: X_THRESHOLD,
+            message,
+        };
+        let threshold: f32 = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|t: &f32| (0.0..=1.0).contains(t))
+            .ok_or_else(|| bad("must be a number between 0 and 1".to_owned()))?;
+        if threshold < configured_threshold {
+            return Err(bad(format!(
+                "{threshold} is below the configured threshold {configured_threshold}; a request may only ask for a stricter one"
+            )));
         }
+        controls.criteria.threshold = threshold;
     }
+    Ok(controls)
 }
 
 /// A `max-age` value: digits only. As RFC 9111 asks, a value too large to represent is taken as
@@ -149,429 +122,114 @@ pub async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (bytes, request, controls, tenant) = match prepare(&state, &headers, body).await {
+    let protocol = ChatCompletions;
+    let prepared = async {
+        let tenant = tenant_of(state.scope, &headers)?;
+        let bytes = read_body(body, state.body_limits.max_bytes).await?;
+        let request = protocol.parse(&bytes).map_err(ApiError::InvalidRequest)?;
+        let controls = controls_from_headers(&headers, &state.settings.load())?;
+        Ok::<_, ApiError>((tenant, bytes, request, controls))
+    };
+    let (tenant, bytes, request, controls) = match prepared.await {
         Ok(prepared) => prepared,
         Err(err) => {
             state.stats.record_rejected();
             return Err(err);
         }
     };
+    let upstream = Arc::clone(&state.upstream);
+    let path = protocol.upstream_path();
+    let call = |body| async move { upstream.post_json(path, &headers, body).await };
+    let served = state
+        .service
+        .answer(
+            &protocol,
+            CacheRequest {
+                tenant,
+                request: &request,
+                body: bytes,
+                controls,
+                started,
+            },
+            call,
+        )
+        .await?;
+    Ok(respond(&protocol, &request, served))
+}
 
-    // Answers with several choices are not stored, so they are not looked up either.
-    let cache_input = (!controls.skip_store && request.n == 1)
-        .then(|| request.cache_input())
-        .flatten();
-    let Some(cache_input) = cache_input else {
-        state.stats.record_bypass(&request.model, tenant);
-        return forward_chat(&state, &headers, bytes).await;
-    };
-    let key = RequestKey::new(tenant, cache_input.fingerprint, cache_input.prompt);
-
-    let mut embedding = None;
-    let mut nearest = None;
-    let mut refused = None;
-    let mut flight = None;
-    if !controls.skip_lookup {
-        match state.cache.lookup(&key, &controls.criteria()).await {
-            Ok(Lookup::Hit(hit)) => return Ok(serve_hit(&state, &request, &hit, started)),
-            Ok(Lookup::Miss(miss)) => {
-                (embedding, nearest) = (miss.embedding, miss.nearest);
-                refused = miss.refused.map(|rejection| rejection.reason);
-            }
-            Err(err) => {
-                // The cache failing must not fail the call: act as a plain proxy.
-                tracing::error!(error = %err, "lookup failed; forwarding without the cache");
-                state.stats.record_bypass(&request.model, tenant);
-                state.stats.record_cache_failure();
-                return forward_chat(&state, &headers, bytes).await;
-            }
-        }
-        match state.cache.join(&key) {
-            Join::Leader(leader) => {
-                // The previous leader may have stored the answer since our lookup.
-                if let Some(hit) = state.cache.lookup_exact(&key, &controls.criteria()) {
-                    leader.complete(Arc::clone(&hit.entry));
-                    return Ok(serve_hit(&state, &request, &hit, started));
+/// The core's answer as an HTTP response.
+fn respond<P: Protocol>(protocol: &P, request: &P::Request, served: Served) -> Response {
+    match served {
+        Served::Hit(hit) => {
+            let mut response = match protocol.replay(request, &hit.entry.answer.completion) {
+                Replay::Events(events) => {
+                    let stream =
+                        futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+                    event_stream(Body::from_stream(stream))
                 }
-                flight = Some(leader);
-            }
-            Join::Follower(receiver) => {
-                if let Some(entry) = Join::wait(receiver).await {
-                    let hit = Hit {
-                        entry,
-                        similarity: 1.0,
-                        kind: HitKind::Exact,
-                    };
-                    return Ok(serve_hit(&state, &request, &hit, started));
-                }
-                // The leader got nothing storable: make our own call.
-            }
-        }
-    }
-
-    state.stats.record_miss(&request.model, tenant, nearest, refused);
-    let embedding = match embedding {
-        Some(vector) => Embedding::Ready(vector),
-        // Not embedded yet (nothing to compare with, or no lookup): embed while the upstream
-        // works, so that storing the answer does not wait for it.
-        None if key.is_semantic() => Embedding::Pending(EarlyEmbedding::start(&state, &key.prompt)),
-        None => Embedding::Absent,
-    };
-    let miss = Miss {
-        state: state.clone(),
-        key,
-        embedding,
-        flight,
-        model: request.model.clone(),
-        ttl: controls.max_age,
-    };
-    if request.stream {
-        miss.stream(&headers, &request).await
-    } else {
-        miss.complete(&headers, bytes).await
-    }
-}
-
-/// Reads and validates what the client sent.
-async fn prepare(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(Bytes, ChatRequest, Controls, TenantId), ApiError> {
-    let tenant = tenant_of(state.scope, headers)?;
-    let bytes = read_body(body, state.body_limits.max_bytes).await?;
-    let request = ChatRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
-    let controls = Controls::from_headers(headers, &state.settings.load())?;
-    Ok((bytes, request, controls, tenant))
-}
-
-/// Sends a chat completion upstream, counting the call and its failure.
-async fn call_upstream(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<reqwest::Response, ApiError> {
-    state.stats.record_upstream_call();
-    match state.upstream.chat(headers, body).await {
-        Ok(response) => {
-            if !response.status().is_success() {
-                state.stats.record_upstream_error();
-            }
-            Ok(response)
-        }
-        Err(err) => {
-            state.stats.record_upstream_error();
-            Err(err.into())
-        }
-    }
-}
-
-/// The prompt's vector for storing a miss.
-enum Embedding {
-    /// Computed by the lookup.
-    Ready(Vec<f32>),
-    /// Being computed alongside the upstream call.
-    Pending(EarlyEmbedding),
-    /// The prompt has no text to embed.
-    Absent,
-}
-
-/// An embedding computed in the background; dropped unfinished (the upstream call failed),
-/// it stops.
-struct EarlyEmbedding(Option<tokio::task::JoinHandle<Result<Vec<f32>, embed::Error>>>);
-
-impl EarlyEmbedding {
-    fn start(state: &AppState, prompt: &str) -> Self {
-        let (cache, prompt) = (Arc::clone(&state.cache), prompt.to_owned());
-        Self(Some(tokio::spawn(async move { cache.embed(&prompt).await })))
-    }
-
-    async fn finish(mut self) -> Result<Vec<f32>, embed::Error> {
-        let handle = self.0.take().expect("finished once");
-        handle.await.map_err(|err| embed::Error::Task(err.to_string()))?
-    }
-}
-
-impl Drop for EarlyEmbedding {
-    fn drop(&mut self) {
-        if let Some(handle) = &self.0 {
-            handle.abort();
-        }
-    }
-}
-
-/// A request that goes to the upstream and whose answer is stored when it is complete.
-struct Miss {
-    state: AppState,
-    key: RequestKey,
-    embedding: Embedding,
-    flight: Option<Flight>,
-    model: String,
-    ttl: Option<Duration>,
-}
-
-impl Miss {
-    async fn complete(self, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-        let started = Instant::now();
-        let response = call_upstream(&self.state, headers, body).await?;
-        let status = response.status();
-        let response_headers = response.headers().clone();
-        let body = response.bytes().await.map_err(crate::upstream::Error::from)?;
-        let latency = started.elapsed();
-        let mut stored = None;
-        if status.is_success() {
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(completion) => {
-                    if let Some(answer) = storable(&completion, body.clone(), &self.model, latency) {
-                        stored = Some(self.store(answer).await);
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "upstream answered 2xx with a body that is not JSON; not stored")
-                }
-            }
-        }
-        let mut response = passthrough_response(status, &response_headers, Body::from(body), Outcome::Miss);
-        if let Some(entry_id) = stored {
-            // The new entry's id, so that feedback can name the answer this client got.
-            response
-                .headers_mut()
-                .insert(X_ENTRY, HeaderValue::from(entry_id));
-        }
-        Ok(response)
-    }
-
-    async fn stream(self, headers: &HeaderMap, request: &ChatRequest) -> Result<Response, ApiError> {
-        let started = Instant::now();
-        let response = call_upstream(&self.state, headers, request.body_with_usage().into()).await?;
-        let status = response.status();
-        if !status.is_success() {
-            let response_headers = response.headers().clone();
-            let body = response.bytes().await.map_err(crate::upstream::Error::from)?;
-            return Ok(passthrough_response(
-                status,
-                &response_headers,
-                Body::from(body),
-                Outcome::Miss,
-            ));
-        }
-        let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-        let include_usage = request.include_usage;
-        // The relay runs on its own task: if the client goes away, it still reads the upstream
-        // to the end and stores the answer, which coalesced waiters are owed.
-        tokio::spawn(self.relay(response, sender, include_usage, started));
-        let mut response = Response::new(Body::from_stream(ReceiverStream::new(receiver)));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static(PRIVATE_STREAM));
-        headers.insert(X_SEMCACHE, Outcome::Miss.header());
-        Ok(response)
-    }
-
-    async fn relay(
-        self,
-        response: reqwest::Response,
-        sender: mpsc::Sender<Result<Bytes, Infallible>>,
-        include_usage: bool,
-        started: Instant,
-    ) {
-        let mut client = Client(Some(sender));
-        let mut parser = Parser::default();
-        let mut assembler = Assembler::default();
-        let mut stream = response.bytes_stream();
-        let mut done = false;
-        let mut failure: Option<String> = None;
-        'read: while let Some(chunk) = stream.next().await {
-            let bytes = match chunk {
-                Ok(bytes) => bytes,
-                Err(err) => {
-                    failure = Some(crate::upstream::Error::from(err).to_string());
-                    break;
+                Replay::Body(body) => {
+                    let mut response = Response::new(Body::from(body));
+                    let headers = response.headers_mut();
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    headers.insert(CACHE_CONTROL, PRIVATE);
+                    response
                 }
             };
-            for data in parser.feed(&bytes) {
-                if data == sse::DONE {
-                    done = true;
-                    break 'read;
-                }
-                let usage_only = assembler.push(&data);
-                if let Some(broken) = assembler.broken() {
-                    // Garbage is not passed on: the client's SDK would fail on it anyway.
-                    failure = Some(broken.to_string());
-                    break 'read;
-                }
-                if include_usage || !usage_only {
-                    client.send(sse::event(&data)).await;
-                }
-            }
-        }
-        if !done {
-            let reason = failure.unwrap_or_else(|| "the upstream closed the stream before [DONE]".to_owned());
-            tracing::warn!(%reason, "upstream stream broke; nothing stored");
-            self.state.stats.record_upstream_error();
-            let body = error_body(
-                &format!("The upstream stream ended early: {reason}"),
-                "upstream_error",
-                Some("upstream_stream_broken"),
-                None,
+            let headers = response.headers_mut();
+            headers.insert(X_SEMCACHE, outcome_header(Outcome::Hit));
+            headers.insert(
+                X_SIMILARITY,
+                HeaderValue::from_str(&format!("{:.4}", hit.similarity)).expect("a number is a header value"),
             );
-            client.send(sse::event(&body.to_string())).await;
-            return;
+            headers.insert(X_ENTRY, HeaderValue::from(hit.entry.id));
+            response
         }
-        match assembler.finish() {
-            Ok(completion) => {
-                let bytes = Bytes::from(serde_json::to_vec(&completion).expect("a JSON value serialises"));
-                if let Some(answer) = storable(&completion, bytes, &self.model, started.elapsed()) {
-                    self.store(answer).await;
+        Served::Upstream {
+            outcome,
+            status,
+            headers,
+            body,
+            entry,
+        } => {
+            let mut response = match body {
+                ServedBody::Complete(bytes) => {
+                    passthrough_response(status, &headers, Body::from(bytes), outcome)
                 }
-            }
-            Err(incomplete) => tracing::warn!(%incomplete, "streamed answer not stored"),
-        }
-        // [DONE] goes out only after the answer is stored, so a client that asks again at
-        // once is answered from the cache.
-        client.send(sse::event(sse::DONE)).await;
-    }
-
-    /// Stores the answer, wakes coalesced waiters, and lets the index graph catch up in the
-    /// background. Returns the new entry's id.
-    async fn store(self, answer: Answer) -> u64 {
-        let Miss {
-            state,
-            key,
-            embedding,
-            flight,
-            ttl,
-            ..
-        } = self;
-        let embedding = match embedding {
-            Embedding::Ready(embedding) => Some(embedding),
-            Embedding::Pending(early) => match early.finish().await {
-                Ok(embedding) => Some(embedding),
-                Err(err) => {
-                    tracing::error!(error = %err, "embedding for storage failed; stored for exact matches only");
-                    state.stats.record_cache_failure();
-                    None
+                ServedBody::Passthrough(stream) => {
+                    let mut response =
+                        passthrough_response(status, &headers, Body::from_stream(stream), outcome);
+                    // Relayed as it comes, but with the upstream's length when it gave one.
+                    if let Some(length) = headers.get(CONTENT_LENGTH) {
+                        if !headers.contains_key(TRANSFER_ENCODING) {
+                            response.headers_mut().insert(CONTENT_LENGTH, length.clone());
+                        }
+                    }
+                    response
                 }
-            },
-            Embedding::Absent => None,
-        };
-        let entry = state.cache.insert(&key, embedding, answer, ttl).await;
-        let entry_id = entry.id;
-        if let Some(flight) = flight {
-            flight.complete(entry);
-        }
-        let cache = Arc::clone(&state.cache);
-        tokio::task::spawn_blocking(move || cache.catch_up(&key));
-        entry_id
-    }
-}
-
-/// The streaming client's end of the relay; it goes quiet once the client has gone.
-struct Client(Option<mpsc::Sender<Result<Bytes, Infallible>>>);
-
-impl Client {
-    async fn send(&mut self, bytes: Bytes) {
-        if let Some(sender) = &self.0 {
-            if sender.send(Ok(bytes)).await.is_err() {
-                tracing::debug!(
-                    "streaming client went away; reading the upstream to the end to store the answer"
-                );
-                self.0 = None;
+                ServedBody::Events(receiver) => {
+                    let stream = ReceiverStream::new(receiver).map(Ok::<_, std::convert::Infallible>);
+                    let mut response = event_stream(Body::from_stream(stream));
+                    response.headers_mut().insert(X_SEMCACHE, outcome_header(outcome));
+                    response
+                }
+            };
+            if let Some(entry_id) = entry {
+                // The new entry's id, so that feedback can name the answer this client got.
+                response
+                    .headers_mut()
+                    .insert(X_ENTRY, HeaderValue::from(entry_id));
             }
+            response
         }
     }
 }
 
-/// The answer to keep from a successful completion, or `None` when it must not be stored.
-/// `bytes` is `completion` as JSON: the upstream's own body, or the assembled stream.
-fn storable(completion: &Value, bytes: Bytes, model: &str, latency: Duration) -> Option<Answer> {
-    let choices = completion.get("choices")?.as_array()?;
-    if choices.is_empty() {
-        return None;
-    }
-    let all_finished = choices.iter().all(|choice| {
-        matches!(choice.get("finish_reason").and_then(Value::as_str), Some(reason) if reason != "content_filter")
-    });
-    if !all_finished {
-        return None;
-    }
-    let usage = completion.get("usage");
-    let tokens = |field: &str| {
-        usage
-            .and_then(|u| u.get(field))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    Some(Answer {
-        completion: bytes,
-        model: model.to_owned(),
-        usage: Usage {
-            prompt_tokens: tokens("prompt_tokens"),
-            completion_tokens: tokens("completion_tokens"),
-        },
-        upstream_latency: latency,
-    })
-}
-
-/// A cached answer as a fresh completion: new `id` and `created`, the stored choices and usage.
-fn serve_hit(state: &AppState, request: &ChatRequest, hit: &Hit, started: Instant) -> Response {
-    let answer = &hit.entry.answer;
-    state.stats.record_hit(
-        &request.model,
-        hit.entry.tenant,
-        hit.kind,
-        hit.similarity,
-        answer.usage,
-        answer.upstream_latency.saturating_sub(started.elapsed()),
-    );
-    let mut completion: Value =
-        serde_json::from_slice(&hit.entry.answer.completion).unwrap_or_else(|_| json!({}));
-    let id: u64 = rand::thread_rng().gen();
-    completion["id"] = json!(format!("chatcmpl-semcache-{id:016x}"));
-    completion["created"] = json!(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()));
-
-    let mut response = if request.stream {
-        let events = sse::replay(&completion, request.include_usage);
-        let stream = futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>));
-        let mut response = Response::new(Body::from_stream(stream));
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        response
-            .headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static(PRIVATE_STREAM));
-        response
-    } else {
-        let mut response = axum::Json(completion).into_response();
-        response.headers_mut().insert(CACHE_CONTROL, PRIVATE);
-        response
-    };
+fn event_stream(body: Body) -> Response {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
-    headers.insert(X_SEMCACHE, Outcome::Hit.header());
-    headers.insert(
-        X_SIMILARITY,
-        HeaderValue::from_str(&format!("{:.4}", hit.similarity)).expect("a number is a header value"),
-    );
-    headers.insert(X_ENTRY, HeaderValue::from(hit.entry.id));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static(PRIVATE_STREAM));
     response
-}
-
-/// Sends the chat request upstream unchanged and passes the answer through, stored nowhere.
-async fn forward_chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let response = call_upstream(state, headers, body).await?;
-    let status = response.status();
-    let response_headers = response.headers().clone();
-    let body = Body::from_stream(response.bytes_stream());
-    let mut response = passthrough_response(status, &response_headers, body, Outcome::Bypass);
-    // Relayed as it comes, but with the upstream's length when it gave one.
-    if let Some(length) = response_headers.get(CONTENT_LENGTH) {
-        if !response_headers.contains_key(TRANSFER_ENCODING) {
-            response.headers_mut().insert(CONTENT_LENGTH, length.clone());
-        }
-    }
-    Ok(response)
 }
 
 fn passthrough_response(
@@ -588,7 +246,7 @@ fn passthrough_response(
             headers.insert(HeaderName::from_static(name), value.clone());
         }
     }
-    headers.insert(X_SEMCACHE, outcome.header());
+    headers.insert(X_SEMCACHE, outcome_header(outcome));
     headers.insert(CACHE_CONTROL, PRIVATE);
     response
 }
@@ -656,14 +314,14 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Result<
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let path_and_query = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
     // Read whole already (`body::buffered`): this takes it, with its length.
-    let body = reqwest::Body::from(read_body(body, state.body_limits.max_bytes).await?);
-    let response = state
+    let body = read_body(body, state.body_limits.max_bytes).await?;
+    let reply = state
         .upstream
         .send(parts.method, path_and_query, &parts.headers, body)
         .await?;
     let mut forwarded = Response::new(Body::empty());
-    *forwarded.status_mut() = response.status();
-    for (name, value) in response.headers() {
+    *forwarded.status_mut() = reply.status;
+    for (name, value) in &reply.headers {
         if !is_hop_by_hop(name) {
             forwarded.headers_mut().append(name.clone(), value.clone());
         }
@@ -672,7 +330,7 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Result<
     if !forwarded.headers().contains_key(CACHE_CONTROL) {
         forwarded.headers_mut().insert(CACHE_CONTROL, PRIVATE);
     }
-    *forwarded.body_mut() = Body::from_stream(response.bytes_stream());
+    *forwarded.body_mut() = Body::from_stream(reply.body);
     Ok(forwarded)
 }
 
@@ -742,6 +400,8 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -756,7 +416,7 @@ mod tests {
             threshold: 0.82,
             verify: true,
         };
-        Some(Controls::from_headers(&headers, &settings))
+        Some(controls_from_headers(&headers, &settings))
     }
 
     #[test]
@@ -768,7 +428,7 @@ mod tests {
         ] {
             let parsed = controls(&format!("max-age={value}"), None).unwrap().unwrap();
             let now = SystemTime::now();
-            let expires = crate::cache::expiry(now, parsed.max_age.unwrap());
+            let expires = crate::cache::expiry(now, parsed.ttl.unwrap());
             assert_eq!(expires.duration_since(now).unwrap(), crate::cache::MAX_TTL);
         }
         assert!(controls("max-age=-1", None).unwrap().is_err());
@@ -794,8 +454,8 @@ mod tests {
             ] {
                 for threshold in [None, Some(threshold.as_str())] {
                     if let Some(Ok(controls)) = controls(&header, threshold) {
-                        prop_assert!((0.0..=1.0).contains(&controls.threshold));
-                        if let Some(max_age) = controls.max_age {
+                        prop_assert!((0.0..=1.0).contains(&controls.criteria.threshold));
+                        if let Some(max_age) = controls.ttl {
                             let expires = crate::cache::expiry(now, max_age);
                             prop_assert!(expires >= now);
                             prop_assert!(expires.duration_since(now).unwrap() <= crate::cache::MAX_TTL);

@@ -1,6 +1,9 @@
 //! OpenAI wire formats: what the cache needs from requests, and streamed responses.
 
+mod chat;
 pub mod request;
 pub mod sse;
 
-pub use request::{CacheInput, ChatRequest, Invalid};
+pub use crate::cache::{CacheInput, Invalid};
+pub use chat::ChatCompletions;
+pub use request::ChatRequest;

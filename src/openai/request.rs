@@ -2,6 +2,7 @@
 
 use serde_json::{Map, Value};
 
+pub use crate::cache::{CacheInput, Invalid};
 use crate::cache::{Digest32, Fingerprint};
 
 /// Request fields that do not change the answer, left out of the fingerprint.
@@ -14,19 +15,10 @@ const NOT_IN_FINGERPRINT: &[&str] = &[
     "service_tier",
 ];
 
-/// A request that failed validation; the message and parameter reach the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    pub message: String,
-    pub param: Option<String>,
-}
-
-impl Invalid {
-    fn new(message: impl Into<String>, param: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            param: Some(param.into()),
-        }
+fn invalid(message: impl Into<String>, param: impl Into<String>) -> Invalid {
+    Invalid {
+        message: message.into(),
+        param: Some(param.into()),
     }
 }
 
@@ -40,14 +32,6 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Number of choices asked for.
     pub n: u64,
-}
-
-/// The parts of a request the cache keys on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheInput {
-    pub fingerprint: Fingerprint,
-    /// The last user message's text parts, joined by newlines.
-    pub prompt: String,
 }
 
 impl ChatRequest {
@@ -65,8 +49,8 @@ impl ChatRequest {
 
         let model = match body.get("model") {
             Some(Value::String(model)) if !model.is_empty() => model.clone(),
-            Some(_) => return Err(Invalid::new("'model' must be a non-empty string.", "model")),
-            None => return Err(Invalid::new("you must provide a model parameter", "model")),
+            Some(_) => return Err(invalid("'model' must be a non-empty string.", "model")),
+            None => return Err(invalid("you must provide a model parameter", "model")),
         };
         validate_messages(body.get("messages"))?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);
@@ -74,50 +58,42 @@ impl ChatRequest {
             None | Some(Value::Null) => false,
             Some(Value::Object(options)) => optional_bool(options, "include_usage")
                 .map_err(|_| {
-                    Invalid::new(
+                    invalid(
                         "'include_usage' must be a boolean.",
                         "stream_options.include_usage",
                     )
                 })?
                 .unwrap_or(false),
-            Some(_) => {
-                return Err(Invalid::new(
-                    "'stream_options' must be an object.",
-                    "stream_options",
-                ))
-            }
+            Some(_) => return Err(invalid("'stream_options' must be an object.", "stream_options")),
         };
         let n = match body.get("n") {
             None | Some(Value::Null) => 1,
             Some(value) => match value.as_u64() {
                 Some(n) if n >= 1 => n,
-                _ => return Err(Invalid::new("'n' must be an integer of at least 1.", "n")),
+                _ => return Err(invalid("'n' must be an integer of at least 1.", "n")),
             },
         };
         for field in ["temperature", "top_p", "presence_penalty", "frequency_penalty"] {
             if !matches!(body.get(field), None | Some(Value::Null) | Some(Value::Number(_))) {
-                return Err(Invalid::new(format!("'{field}' must be a number."), field));
+                return Err(invalid(format!("'{field}' must be a number."), field));
             }
         }
         for field in ["max_tokens", "max_completion_tokens", "seed", "top_logprobs"] {
             if !matches!(body.get(field), None | Some(Value::Null))
                 && body.get(field).and_then(Value::as_i64).is_none()
             {
-                return Err(Invalid::new(format!("'{field}' must be an integer."), field));
+                return Err(invalid(format!("'{field}' must be an integer."), field));
             }
         }
         if !matches!(
             body.get("stop"),
             None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_))
         ) {
-            return Err(Invalid::new(
-                "'stop' must be a string or an array of strings.",
-                "stop",
-            ));
+            return Err(invalid("'stop' must be a string or an array of strings.", "stop"));
         }
         for field in ["tools", "functions"] {
             if !matches!(body.get(field), None | Some(Value::Null) | Some(Value::Array(_))) {
-                return Err(Invalid::new(format!("'{field}' must be an array."), field));
+                return Err(invalid(format!("'{field}' must be an array."), field));
             }
         }
         optional_bool(&body, "logprobs")?;
@@ -196,31 +172,26 @@ fn optional_bool(map: &Map<String, Value>, field: &str) -> Result<Option<bool>, 
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(value)) => Ok(Some(*value)),
-        Some(_) => Err(Invalid::new(format!("'{field}' must be a boolean."), field)),
+        Some(_) => Err(invalid(format!("'{field}' must be a boolean."), field)),
     }
 }
 
 fn validate_messages(messages: Option<&Value>) -> Result<(), Invalid> {
     let messages = match messages {
         Some(Value::Array(messages)) if !messages.is_empty() => messages,
-        Some(Value::Array(_)) => return Err(Invalid::new("'messages' must not be empty.", "messages")),
-        Some(_) => return Err(Invalid::new("'messages' must be an array.", "messages")),
-        None => {
-            return Err(Invalid::new(
-                "Missing required parameter: 'messages'.",
-                "messages",
-            ))
-        }
+        Some(Value::Array(_)) => return Err(invalid("'messages' must not be empty.", "messages")),
+        Some(_) => return Err(invalid("'messages' must be an array.", "messages")),
+        None => return Err(invalid("Missing required parameter: 'messages'.", "messages")),
     };
     for (i, message) in messages.iter().enumerate() {
         let Some(message) = message.as_object() else {
-            return Err(Invalid::new(
+            return Err(invalid(
                 format!("'messages[{i}]' must be an object."),
                 format!("messages[{i}]"),
             ));
         };
         if !matches!(message.get("role"), Some(Value::String(_))) {
-            return Err(Invalid::new(
+            return Err(invalid(
                 format!("'messages[{i}].role' must be a string."),
                 format!("messages[{i}].role"),
             ));
@@ -232,7 +203,7 @@ fn validate_messages(messages: Option<&Value>) -> Result<(), Invalid> {
                     let typed = part.get("type").and_then(Value::as_str);
                     let text_ok = typed != Some("text") || part.get("text").is_some_and(Value::is_string);
                     if typed.is_none() || !text_ok {
-                        return Err(Invalid::new(
+                        return Err(invalid(
                             format!("'messages[{i}].content[{j}]' must be an object with a 'type' (and a string 'text' for text parts)."),
                             format!("messages[{i}].content[{j}]"),
                         ));
@@ -240,7 +211,7 @@ fn validate_messages(messages: Option<&Value>) -> Result<(), Invalid> {
                 }
             }
             Some(_) => {
-                return Err(Invalid::new(
+                return Err(invalid(
                     format!("'messages[{i}].content' must be a string or an array of content parts."),
                     format!("messages[{i}].content"),
                 ))
