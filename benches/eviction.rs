@@ -35,6 +35,19 @@ fn scale() -> usize {
 struct NoModel;
 
 impl Embedder for NoModel {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        semcache::embed::EmbedderId {
+            model: "none".into(),
+            backend: "bench".into(),
+            dimensions: 1,
+            weights: "0".into(),
+        }
+    }
+
+    fn seen_len(&self, _: &str) -> Option<usize> {
+        None
+    }
+
     fn dimensions(&self) -> usize {
         1
     }
@@ -129,6 +142,19 @@ fn resident_mib() -> f64 {
 struct RandomVectors;
 
 impl Embedder for RandomVectors {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        semcache::embed::EmbedderId {
+            model: "random".into(),
+            backend: "bench".into(),
+            dimensions: 384,
+            weights: "0".into(),
+        }
+    }
+
+    fn seen_len(&self, _: &str) -> Option<usize> {
+        None
+    }
+
     fn dimensions(&self) -> usize {
         384
     }

@@ -23,6 +23,19 @@ const CONTEXTS: u64 = 8;
 struct NoModel;
 
 impl Embedder for NoModel {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        semcache::embed::EmbedderId {
+            model: "none".into(),
+            backend: "bench".into(),
+            dimensions: DIMENSIONS,
+            weights: "0".into(),
+        }
+    }
+
+    fn seen_len(&self, _: &str) -> Option<usize> {
+        None
+    }
+
     fn dimensions(&self) -> usize {
         DIMENSIONS
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cache::Eviction;
+use crate::embed::Backend;
 use crate::store::Durability;
 
 #[derive(Debug, Parser)]
@@ -44,6 +45,10 @@ pub enum EvalCommand {
 /// Options every evaluation takes.
 #[derive(Debug, Clone, Parser)]
 pub struct EvalOptions {
+    /// Embedding backend that runs the model.
+    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::Candle)]
+    pub embedder: Backend,
+
     /// Folder holding the embedding model.
     #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
     pub model_dir: PathBuf,
@@ -108,6 +113,10 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub verify: bool,
 
+    /// Embedding backend that runs the model.
+    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::Candle)]
+    pub embedder: Backend,
+
     /// Folder holding the embedding model.
     #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
     pub model_dir: PathBuf,
@@ -144,6 +153,10 @@ pub struct ServeArgs {
     /// forwarded.
     #[arg(long, env = "SEMCACHE_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
+
+    /// Embedding backend that runs the model.
+    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::Candle)]
+    pub embedder: Backend,
 
     /// Folder holding the embedding model (config.json, tokenizer.json, model.safetensors,
     /// 1_Pooling/config.json).

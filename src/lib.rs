@@ -127,6 +127,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
 fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, SetupError> {
     let started = std::time::Instant::now();
     let store = Store::open(&args.data_dir)?;
+    store.check_embedder(&embedder.model_id())?;
     let mut next_report = 0;
     let loaded = store.load(|done, total| {
         // A progress line every tenth of the way, for large stores.
@@ -141,7 +142,7 @@ fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, Se
         args.durability,
         std::time::Duration::from_millis(args.relaxed_window_ms),
     );
-    let cache = Cache::with_store(embedder, args.cache_config(), writer, loaded);
+    let cache = Cache::with_store(embedder, args.cache_config(), Arc::new(writer), loaded);
     tracing::info!(
         entries = cache.len(),
         loaded = loaded_records,

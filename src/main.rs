@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use semcache::config::{CalibrateArgs, Cli, Command, EvalCommand, EvalOptions, ServeArgs};
-use semcache::embed::{BertEmbedder, Embedder};
+use semcache::embed::{self, Backend, Embedder};
 use semcache::eval;
 use tracing_subscriber::EnvFilter;
 
@@ -25,17 +25,17 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn load_model(model_dir: &Path) -> anyhow::Result<Arc<dyn Embedder>> {
+async fn load_model(backend: Backend, model_dir: &Path) -> anyhow::Result<Arc<dyn Embedder>> {
     let model_dir = model_dir.to_owned();
-    let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&model_dir))
+    let embedder = tokio::task::spawn_blocking(move || embed::load(backend, &model_dir))
         .await?
         .context("loading the embedding model")?;
-    Ok(Arc::new(embedder))
+    Ok(embedder)
 }
 
 async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     let pairs = eval::sample(eval::read_pairs(file)?, options.sample, options.seed);
-    let embedder = load_model(&options.model_dir).await?;
+    let embedder = load_model(options.embedder, &options.model_dir).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
     if let Some(path) = &options.plot {
@@ -68,7 +68,7 @@ async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
 async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     let stored = eval::read_intents(train)?;
     let asked = eval::sample(eval::read_intents(test)?, options.sample, options.seed);
-    let embedder = load_model(&options.model_dir).await?;
+    let embedder = load_model(options.embedder, &options.model_dir).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_intents(&embedder, &stored, &asked, &grid).await?;
     if let Some(path) = &options.plot {
@@ -102,7 +102,7 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         args.max_false_hit_rate
     );
     let pairs = eval::sample(eval::read_pairs(&args.file)?, args.sample, args.seed);
-    let embedder = load_model(&args.model_dir).await?;
+    let embedder = load_model(args.embedder, &args.model_dir).await?;
     let grid = eval::Grid::new(50, 99, 1);
     let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
     let rows = if args.verify {
@@ -137,7 +137,8 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     tracing::info!(model_dir = %args.model_dir.display(), "loading the embedding model");
-    let embedder = load_model(&args.model_dir).await?;
+    let embedder = load_model(args.embedder, &args.model_dir).await?;
+    tracing::info!(embedder = %embedder.model_id(), "embedding model loaded");
     let app = semcache::app(&args, embedder)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

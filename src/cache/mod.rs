@@ -23,7 +23,7 @@ pub use service::{CacheRequest, Controls, Outcome, Served, ServedBody, Service};
 
 use crate::embed::{self, Batcher, Embedder};
 use crate::index::Index;
-use crate::store::{self, Loaded, Op, Record, Writer};
+use crate::store::{self, EntryStore, Loaded, Op, Record};
 use crate::verify::{self, Reason, Rejection};
 
 /// Entries sampled to choose an eviction victim (as Redis does): close to exact LRU or LFU at a
@@ -36,6 +36,9 @@ const AGE_EVERY: u64 = 10;
 const CANDIDATES: usize = 4;
 /// Wrong-answer reports after which an entry is evicted.
 const WRONG_REPORTS_TO_EVICT: u64 = 3;
+/// Entry ids are drawn below this: the largest integer a JSON number keeps exactly in
+/// JavaScript is 2^53 - 1.
+const MAX_ID: u64 = 1 << 53;
 
 /// Which entry goes when the cache is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -249,14 +252,13 @@ pub struct Cache {
     batcher: Batcher,
     index: Index,
     inner: RwLock<Inner>,
-    next_id: AtomicU64,
     /// Logical clock for recency; ticks at every insert and hit.
     clock: AtomicU64,
     /// The clock when LFU frequencies were last halved.
     aged_at: AtomicU64,
     flights: flight::Flights,
     config: Config,
-    writer: Option<Writer>,
+    writer: Option<Arc<dyn EntryStore>>,
 }
 
 impl Cache {
@@ -267,7 +269,6 @@ impl Cache {
             embedder,
             index: Index::new(),
             inner: RwLock::default(),
-            next_id: AtomicU64::new(1),
             clock: AtomicU64::new(1),
             aged_at: AtomicU64::new(1),
             flights: flight::Flights::default(),
@@ -277,7 +278,12 @@ impl Cache {
     }
 
     /// A cache whose entries are written to a store and reloaded from what it held.
-    pub fn with_store(embedder: Arc<dyn Embedder>, config: Config, writer: Writer, loaded: Loaded) -> Self {
+    pub fn with_store(
+        embedder: Arc<dyn Embedder>,
+        config: Config,
+        writer: Arc<dyn EntryStore>,
+        loaded: Loaded,
+    ) -> Self {
         let mut cache = Self::new(embedder, config);
         cache.writer = Some(writer);
         cache.restore(loaded);
@@ -287,7 +293,6 @@ impl Cache {
     fn restore(&self, loaded: Loaded) {
         let Loaded { mut records, vectors } = loaded;
         let now = SystemTime::now();
-        let mut max_id = 0;
         // Each partition's vector array is sized once, exactly.
         let mut sizes: HashMap<crate::index::PartitionId, usize> = HashMap::new();
         for (record, vector) in &records {
@@ -305,7 +310,6 @@ impl Cache {
         // Recency restarts from the saved last-use times, oldest first.
         records.sort_by_key(|(record, _)| (record.last_hit_ms.max(record.created_ms), record.id));
         for (record, vector) in records {
-            max_id = max_id.max(record.id);
             let key = RequestKey::new(
                 TenantId(Digest32(record.tenant)),
                 Fingerprint(Digest32(record.fingerprint)),
@@ -354,7 +358,6 @@ impl Cache {
                 self.remove(old_id);
             }
         }
-        self.next_id.store(max_id + 1, Ordering::Relaxed);
         self.evict_to_bound(None);
     }
 
@@ -378,6 +381,19 @@ impl Cache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A fresh entry id: random, so that ids are unique across restarts, processes and nodes
+    /// sharing a store without any coordination; below 2^53, so that JavaScript (the
+    /// dashboard) reads it exactly from JSON.
+    fn new_id(&self) -> u64 {
+        let inner = self.inner.read();
+        loop {
+            let id = rand::thread_rng().gen_range(1..MAX_ID);
+            if !inner.entries.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     pub fn get(&self, entry_id: u64) -> Option<Arc<Entry>> {
@@ -561,7 +577,7 @@ impl Cache {
     ) -> Arc<Entry> {
         let now = SystemTime::now();
         let entry = Arc::new(Entry {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id: self.new_id(),
             tenant: key.tenant,
             fingerprint: key.fingerprint,
             prompt: key.prompt.clone(),
@@ -688,7 +704,8 @@ impl Cache {
     /// The newest entries first.
     pub fn recent(&self, limit: usize) -> Vec<Arc<Entry>> {
         let mut entries: Vec<Arc<Entry>> = self.inner.read().entries.values().cloned().collect();
-        entries.sort_by_key(|entry| std::cmp::Reverse(entry.id));
+        // Newest first; ids are random, so they say nothing of age.
+        entries.sort_by_key(|entry| std::cmp::Reverse((entry.created, entry.id)));
         entries.truncate(limit);
         entries
     }
@@ -793,11 +810,11 @@ impl Cache {
     /// Changes the store could not save (disk full, I/O error): served from memory, not durable.
     /// Why the durable store can no longer keep entries, if it cannot (its file is gone).
     pub fn store_lost(&self) -> Option<String> {
-        self.writer.as_ref().and_then(Writer::lost)
+        self.writer.as_ref().and_then(|writer| writer.lost())
     }
 
     pub fn store_failures(&self) -> u64 {
-        self.writer.as_ref().map_or(0, Writer::failures)
+        self.writer.as_ref().map_or(0, |writer| writer.failures())
     }
 
     /// Number of live vectors in the index; equals the number of entries with an embedding.
@@ -858,27 +875,7 @@ fn record_of(entry: &Entry, embedding: Option<Vec<f32>>) -> Record {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Embeds by the first letter, so that tests control similarity exactly.
-    struct FirstLetter;
-
-    impl Embedder for FirstLetter {
-        fn dimensions(&self) -> usize {
-            26
-        }
-
-        fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
-            Ok(texts
-                .iter()
-                .map(|text| {
-                    let mut v = vec![0.0; 26];
-                    let letter = text.bytes().next().unwrap_or(b'a').to_ascii_lowercase();
-                    v[usize::from(letter.saturating_sub(b'a')).min(25)] = 1.0;
-                    v
-                })
-                .collect())
-        }
-    }
+    use crate::embed::testing::FirstLetter;
 
     fn key(prompt: &str) -> RequestKey {
         RequestKey::new(
@@ -912,12 +909,15 @@ mod tests {
 
     #[tokio::test]
     async fn expired_entries_are_never_served() {
-        let cache = Arc::new(Cache::new(Arc::new(FirstLetter), Config::default()));
+        let cache = Arc::new(Cache::new(
+            Arc::new(FirstLetter { fails: false }),
+            Config::default(),
+        ));
         let k = key("apple");
         cache
             .insert(
                 &k,
-                Some(FirstLetter.embed(&["apple"]).unwrap().remove(0)),
+                Some(FirstLetter { fails: false }.embed(&["apple"]).unwrap().remove(0)),
                 answer(),
                 Some(Duration::ZERO),
             )
@@ -932,7 +932,7 @@ mod tests {
 
     #[tokio::test]
     async fn max_age_on_the_request_skips_older_entries() {
-        let cache = Cache::new(Arc::new(FirstLetter), Config::default());
+        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), Config::default());
         fill(&cache, &["apple"]).await;
         std::thread::sleep(Duration::from_millis(20));
         let strict = Criteria {
@@ -951,7 +951,7 @@ mod tests {
             eviction: Eviction::Lru,
             ..Config::default()
         };
-        let cache = Cache::new(Arc::new(FirstLetter), config);
+        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;
         assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());
         fill(&cache, &["date"]).await;
@@ -973,7 +973,7 @@ mod tests {
             eviction: Eviction::Lfu,
             ..Config::default()
         };
-        let cache = Cache::new(Arc::new(FirstLetter), config);
+        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;
         for _ in 0..3 {
             cache.lookup_exact(&key("apple"), &ANY);
@@ -997,7 +997,7 @@ mod tests {
             eviction: Eviction::Lfu,
             ..Config::default()
         };
-        let cache = Cache::new(Arc::new(FirstLetter), config);
+        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
         fill(&cache, &["apple", "banana", "cherry"]).await;
         // Yesterday's favourite...
         for _ in 0..1000 {
@@ -1027,7 +1027,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidation_removes_similar_prompts_of_the_tenant() {
-        let cache = Cache::new(Arc::new(FirstLetter), Config::default());
+        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), Config::default());
         fill(&cache, &["apple", "avocado", "banana"]).await;
         let removed = cache
             .invalidate("apricot", 0.9, Some(TenantId::shared()))

@@ -466,7 +466,7 @@ mod tests {
 
     use super::*;
     use crate::cache::{CacheInput, Config, Digest32, Fingerprint, Invalid, Replay, Usage};
-    use crate::embed::Embedder;
+    use crate::embed::testing::FirstLetter;
     use crate::stats::PriceTable;
 
     /// A protocol of plain text, to show the flow knows nothing of OpenAI's: the body is the
@@ -574,36 +574,6 @@ mod tests {
 
         fn error(&self, reason: &str) -> Bytes {
             Bytes::from(format!("<error: {reason}>"))
-        }
-    }
-
-    /// Embeds by the first letter; or fails, when asked to.
-    struct FirstLetter {
-        fails: bool,
-    }
-
-    impl Embedder for FirstLetter {
-        fn dimensions(&self) -> usize {
-            26
-        }
-
-        fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, embed::Error> {
-            if self.fails {
-                return Err(embed::Error::Task("the test model fails".into()));
-            }
-            Ok(texts
-                .iter()
-                .map(|text| {
-                    let mut v = vec![0.0; 26];
-                    let letter = text.bytes().next().unwrap_or(b'a').to_ascii_lowercase();
-                    v[usize::from(letter.saturating_sub(b'a')).min(25)] = 1.0;
-                    v
-                })
-                .collect())
-        }
-
-        fn seen_len(&self, _: &str) -> Option<usize> {
-            None
         }
     }
 

@@ -196,6 +196,19 @@ mod tests {
     }
 
     impl Embedder for Recording {
+        fn model_id(&self) -> crate::embed::EmbedderId {
+            crate::embed::EmbedderId {
+                model: "recording".into(),
+                backend: "test".into(),
+                dimensions: 1,
+                weights: "0".into(),
+            }
+        }
+
+        fn seen_len(&self, _: &str) -> Option<usize> {
+            None
+        }
+
         fn dimensions(&self) -> usize {
             1
         }

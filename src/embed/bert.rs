@@ -8,7 +8,9 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::{Embedder, Error};
+use sha2::{Digest, Sha256};
+
+use super::{Embedder, EmbedderId, Error};
 
 /// sentence-transformers' `1_Pooling/config.json`; only the modes we implement.
 #[derive(Debug, Deserialize)]
@@ -42,6 +44,7 @@ pub struct BertEmbedder {
     device: Device,
     /// The window, in tokens, special tokens included.
     max_tokens: usize,
+    id: EmbedderId,
 }
 
 impl BertEmbedder {
@@ -100,7 +103,21 @@ impl BertEmbedder {
 
         let device = Device::Cpu;
         // The weights are read into memory rather than memory-mapped, which needs no unsafe.
-        let tensors = candle_core::safetensors::load_buffer(&read("model.safetensors")?, &device)?;
+        let weights = read("model.safetensors")?;
+        let name = model_dir
+            .file_name()
+            .map_or_else(|| "model".to_owned(), |name| name.to_string_lossy().into_owned());
+        let id = EmbedderId {
+            model: name,
+            backend: match pooling {
+                Pooling::Mean => "candle f32 mean-pooled",
+                Pooling::Cls => "candle f32 cls-pooled",
+            }
+            .to_owned(),
+            dimensions: config.hidden_size,
+            weights: hex::encode(Sha256::digest(&weights)),
+        };
+        let tensors = candle_core::safetensors::load_buffer(&weights, &device)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
         let model = BertModel::load(vb, &config)?;
 
@@ -111,11 +128,16 @@ impl BertEmbedder {
             dimensions: config.hidden_size,
             device,
             max_tokens,
+            id,
         })
     }
 }
 
 impl Embedder for BertEmbedder {
+    fn model_id(&self) -> EmbedderId {
+        self.id.clone()
+    }
+
     fn dimensions(&self) -> usize {
         self.dimensions
     }

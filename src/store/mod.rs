@@ -29,11 +29,34 @@ pub struct Loaded {
 }
 pub use writer::{Durability, Writer};
 
+use crate::embed::EmbedderId;
+
+/// The durable side of the cache: where entries are kept so that they outlive the process.
+/// redb in the data directory ([`Writer`] in front of [`Store`]) is the first implementation; a
+/// store shared by several nodes is the next. The cache holds the live entries in memory and
+/// tells the store every change; the store loads them all back at start ([`Loaded`]).
+pub trait EntryStore: Send + Sync {
+    /// Saves a change; in strict durability, returns once it is durable.
+    fn write(&self, op: Op) -> futures::future::BoxFuture<'_, Result<(), Error>>;
+    /// Queues a change without waiting (usage counts, deletions).
+    fn submit(&self, op: Op);
+    /// Waits until everything queued so far is saved.
+    fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), Error>>;
+    /// Saves everything queued and closes; later changes are not saved.
+    fn close(&self) -> futures::future::BoxFuture<'_, Result<(), Error>>;
+    /// Changes that could not be saved so far.
+    fn failures(&self) -> u64;
+    /// Why the store can no longer keep entries, if it cannot.
+    fn lost(&self) -> Option<String>;
+}
+
 /// Version of the on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u64 = 1;
 const FILE_NAME: &str = "semcache.redb";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Which embedder made the stored vectors: `model`, `backend`, `dimensions`, `weights`.
+const EMBEDDER: TableDefinition<&str, &str> = TableDefinition::new("embedder");
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 /// Hit counts, last-hit times, feedback-raised thresholds (f32 bits) and wrong-answer reports,
 /// apart from the entries so that updating them rewrites 32 bytes, not a whole record.
@@ -86,6 +109,16 @@ pub enum Error {
     Version { path: PathBuf, found: u64 },
     #[error("the store at {path} has entries but no format version; refusing to guess what wrote it")]
     Unversioned { path: PathBuf },
+    #[error(
+        "the store at {path} holds vectors made by {stored}; this semcache embeds with {current}, \
+         and similarities between the two mean nothing. Start with the embedder that wrote it \
+         (--embedder, --model-dir), or move the data directory away to start empty"
+    )]
+    OtherEmbedder {
+        path: PathBuf,
+        stored: Box<EmbedderId>,
+        current: Box<EmbedderId>,
+    },
     #[error("store: {0}")]
     Db(String),
     #[error("store record {id} cannot be decoded: {message}")]
@@ -208,6 +241,55 @@ impl Store {
         &self.path
     }
 
+    /// Refuses a store whose vectors another embedder made; records `current` in a store that
+    /// names none yet (a new one, or one written before embedders were recorded, when only
+    /// one embedder existed).
+    pub fn check_embedder(&self, current: &EmbedderId) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(EMBEDDER).map_err(db_error)?;
+            let field = |name: &str| -> Result<Option<String>, Error> {
+                Ok(table.get(name).map_err(db_error)?.map(|v| v.value().to_owned()))
+            };
+            let stored = match (
+                field("model")?,
+                field("backend")?,
+                field("dimensions")?,
+                field("weights")?,
+            ) {
+                (Some(model), Some(backend), Some(dimensions), Some(weights)) => Some(EmbedderId {
+                    model,
+                    backend,
+                    dimensions: dimensions.parse().unwrap_or(0),
+                    weights,
+                }),
+                _ => None,
+            };
+            match stored {
+                Some(stored) if stored.same_vectors(current) => {}
+                Some(stored) => {
+                    return Err(Error::OtherEmbedder {
+                        path: self.path.clone(),
+                        stored: Box::new(stored),
+                        current: Box::new(current.clone()),
+                    })
+                }
+                None => {
+                    let dimensions = current.dimensions.to_string();
+                    for (name, value) in [
+                        ("model", current.model.as_str()),
+                        ("backend", current.backend.as_str()),
+                        ("dimensions", dimensions.as_str()),
+                        ("weights", current.weights.as_str()),
+                    ] {
+                        table.insert(name, value).map_err(db_error)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
     pub fn identity(&self) -> FileIdentity {
         self.identity
     }
@@ -297,6 +379,39 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("semcache-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    fn embedder(weights: &str) -> EmbedderId {
+        EmbedderId {
+            model: "all-MiniLM-L6-v2".into(),
+            backend: "candle f32 mean-pooled".into(),
+            dimensions: 384,
+            weights: weights.into(),
+        }
+    }
+
+    #[test]
+    fn a_store_written_by_another_embedder_is_refused() {
+        let dir = temp_dir("embedder");
+        {
+            let store = Store::open(&dir).unwrap();
+            store.check_embedder(&embedder("aaaa")).unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        store.check_embedder(&embedder("aaaa")).unwrap();
+        let mut renamed = embedder("aaaa");
+        renamed.model = "minilm".into();
+        store.check_embedder(&renamed).unwrap();
+        let err = store.check_embedder(&embedder("bbbb")).unwrap_err().to_string();
+        assert!(
+            err.contains("weights aaaa") && err.contains("weights bbbb"),
+            "{err}"
+        );
+        let mut other_backend = embedder("aaaa");
+        other_backend.backend = "onnx int8".into();
+        assert!(store.check_embedder(&other_backend).is_err());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

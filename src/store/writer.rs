@@ -159,6 +159,32 @@ impl Writer {
     }
 }
 
+impl super::EntryStore for Writer {
+    fn write(&self, op: Op) -> futures::future::BoxFuture<'_, Result<(), Error>> {
+        Box::pin(Writer::write(self, op))
+    }
+
+    fn submit(&self, op: Op) {
+        Writer::submit(self, op);
+    }
+
+    fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), Error>> {
+        Box::pin(Writer::flush(self))
+    }
+
+    fn close(&self) -> futures::future::BoxFuture<'_, Result<(), Error>> {
+        Box::pin(Writer::close(self))
+    }
+
+    fn failures(&self) -> u64 {
+        Writer::failures(self)
+    }
+
+    fn lost(&self) -> Option<String> {
+        Writer::lost(self)
+    }
+}
+
 /// The open database, or how to open it again after an I/O error. redb refuses every later
 /// transaction once one has failed on I/O, so a disk that was full for a moment would otherwise
 /// cost durability until the next restart.

@@ -17,6 +17,14 @@ struct BreakableModel {
 }
 
 impl Embedder for BreakableModel {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        embedder().model_id()
+    }
+
+    fn seen_len(&self, text: &str) -> Option<usize> {
+        embedder().seen_len(text)
+    }
+
     fn dimensions(&self) -> usize {
         384
     }
@@ -211,6 +219,19 @@ struct MisshapenModel {
 }
 
 impl Embedder for MisshapenModel {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        semcache::embed::EmbedderId {
+            model: "misshapen".into(),
+            backend: "test".into(),
+            dimensions: 384,
+            weights: "0".into(),
+        }
+    }
+
+    fn seen_len(&self, _: &str) -> Option<usize> {
+        None
+    }
+
     fn dimensions(&self) -> usize {
         384
     }

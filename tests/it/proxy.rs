@@ -418,6 +418,14 @@ async fn several_choices_and_other_routes_pass_through_uncached() {
 struct SlowModel(std::sync::Arc<dyn semcache::embed::Embedder>);
 
 impl semcache::embed::Embedder for SlowModel {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        self.0.model_id()
+    }
+
+    fn seen_len(&self, text: &str) -> Option<usize> {
+        self.0.seen_len(text)
+    }
+
     fn dimensions(&self) -> usize {
         self.0.dimensions()
     }

@@ -279,3 +279,73 @@ async fn a_full_disk_costs_durability_not_answers_and_the_store_recovers() {
     );
     restarted.stop().await;
 }
+
+/// The real model's vectors under other weights: what a store would hold after a model change.
+struct RetrainedModel;
+
+impl semcache::embed::Embedder for RetrainedModel {
+    fn model_id(&self) -> semcache::embed::EmbedderId {
+        let mut id = crate::support::embedder().model_id();
+        id.weights = "0123456789abcdef".repeat(4);
+        id
+    }
+
+    fn seen_len(&self, text: &str) -> Option<usize> {
+        crate::support::embedder().seen_len(text)
+    }
+
+    fn dimensions(&self) -> usize {
+        crate::support::embedder().dimensions()
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, semcache::embed::Error> {
+        crate::support::embedder().embed(texts)
+    }
+}
+
+#[tokio::test]
+async fn a_store_written_by_another_embedder_is_refused_at_start() {
+    let upstream = TestUpstream::start().await;
+    let data_dir = fresh_data_dir();
+    let _removed = crate::support::RemovedOnDrop(data_dir.clone());
+    let semcache = Semcache::start_with(&upstream, |args| args.data_dir = data_dir.clone()).await;
+    semcache.chat(&chat_body("How do I reset my password?")).await;
+    let first_id = semcache
+        .chat(&chat_body("What is the capital of Australia?"))
+        .await
+        .header("x-semcache-entry")
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    semcache.stop().await;
+
+    let mut args = <semcache::config::ServeArgs as clap::Parser>::parse_from([
+        "serve",
+        "--upstream",
+        &upstream.base_url(),
+    ]);
+    args.data_dir = data_dir.clone();
+    let refused = semcache::app(&args, std::sync::Arc::new(RetrainedModel))
+        .err()
+        .expect("refused");
+    let message = refused.to_string();
+    let current = crate::support::embedder().model_id();
+    assert!(
+        message.contains(&current.weights[..12]),
+        "names the store's embedder: {message}"
+    );
+    assert!(message.contains("0123456789ab"), "names the new one: {message}");
+
+    // The embedder that wrote it still opens it, and new ids do not take old ones.
+    let restarted = Semcache::start_with(&upstream, |args| args.data_dir = data_dir.clone()).await;
+    let new_id = restarted
+        .chat(&chat_body("Tell me a fact about octopuses."))
+        .await
+        .header("x-semcache-entry")
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    assert_ne!(new_id, first_id);
+    assert!(new_id < 1 << 53, "ids stay exact in JavaScript");
+    assert_eq!(restarted.get_json("/stats").await["entries"], 3);
+}
