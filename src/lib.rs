@@ -50,7 +50,7 @@ const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 
 /// The service, ready to serve: its router and handles on its live parts.
 pub struct App {
-    pub router: axum::Router,
+    pub router: http::Router,
     pub settings: SharedSettings,
     pub cache: Arc<Cache>,
     pub stats: Arc<Stats>,

@@ -179,7 +179,7 @@ impl Service {
         }
 
         self.stats.record_miss(model, tenant, nearest, refused);
-        let miss = Miss {
+        let miss = InFlight {
             embedding: ticket.start_embedding(),
             ticket,
             stats: Arc::clone(&self.stats),
@@ -339,14 +339,14 @@ impl Drop for EarlyEmbedding {
 
 /// A request gone upstream whose answer is stored when it is complete. Dropped without
 /// storing (an error, a broken stream), it tells coalesced waiters to make their own call.
-struct Miss {
+struct InFlight {
     ticket: Ticket,
     embedding: Embedding,
     stats: Arc<Stats>,
     model: String,
 }
 
-impl Miss {
+impl InFlight {
     /// Relays a streamed answer event by event, and stores it before the end event goes out,
     /// so that a client that asks again at once is answered from the cache.
     async fn relay(
@@ -403,7 +403,7 @@ impl Miss {
     /// Stores the answer, wakes coalesced waiters, and lets the index graph catch up in the
     /// background. Returns the new entry's id.
     async fn store(self, completion: Bytes, usage: super::Usage, latency: Duration) -> u64 {
-        let Miss {
+        let InFlight {
             ticket,
             embedding,
             stats,

@@ -3,14 +3,13 @@
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::json::JsonBody;
 use super::AppState;
 use crate::cache::{Entry, TenantId};
 use crate::config::Scope;
@@ -22,18 +21,6 @@ const MAX_LIMIT: usize = 1000;
 /// Most characters of a prompt that `/admin/entries` shows; a longer one is cut there and
 /// marked `prompt_truncated`, with its whole length in `prompt_chars`.
 pub const SHOWN_PROMPT_CHARS: usize = 1000;
-
-/// Parses a JSON object body into `T`, answering in OpenAI's error shape when it does not fit.
-fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let invalid = |message: String| ApiError::InvalidRequest(Invalid { message, param: None });
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(value @ Value::Object(_)) => {
-            serde_json::from_value(value).map_err(|err| invalid(format!("Invalid request body: {err}")))
-        }
-        Ok(_) => Err(invalid("The request body must be a JSON object.".to_owned())),
-        Err(err) => Err(invalid(format!("The request body is not valid JSON: {err}"))),
-    }
-}
 
 fn config_json(state: &AppState) -> Value {
     let settings = state.settings.load();
@@ -55,13 +42,15 @@ pub async fn get_config(State(state): State<AppState>) -> Json<Value> {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConfigPatch {
+pub struct ConfigPatch {
     threshold: Option<f32>,
     verify: Option<bool>,
 }
 
-pub async fn patch_config(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let patch: ConfigPatch = parse_body(&body)?;
+pub async fn patch_config(
+    State(state): State<AppState>,
+    JsonBody(patch): JsonBody<ConfigPatch>,
+) -> Result<Json<Value>, ApiError> {
     let mut settings: Settings = (**state.settings.load()).clone();
     if let Some(threshold) = patch.threshold {
         if !(0.0..=1.0).contains(&threshold) {
@@ -108,7 +97,7 @@ fn entry_json(entry: &Entry, similarity: Option<f32>) -> Value {
         "prompt_truncated": chars > SHOWN_PROMPT_CHARS,
         "model": entry.answer.model,
         "tenant": entry.tenant.short_hex(),
-        "hits": entry.hits.load(std::sync::atomic::Ordering::Relaxed),
+        "hits": entry.hits(),
         "created": rfc3339(created),
         "prompt_tokens": entry.answer.usage.prompt_tokens,
         "completion_tokens": entry.answer.usage.completion_tokens,
@@ -170,7 +159,7 @@ pub async fn delete_entry(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EntryFeedback {
+pub struct EntryFeedback {
     correct: bool,
 }
 
@@ -180,9 +169,8 @@ struct EntryFeedback {
 pub async fn entry_feedback(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(request): JsonBody<EntryFeedback>,
 ) -> Result<Json<Value>, ApiError> {
-    let request: EntryFeedback = parse_body(&body)?;
     let not_found = || ApiError::NotFound(format!("No entry with id {id:?}."));
     let entry_id = id.parse::<u64>().map_err(|_| not_found())?;
     let outcome = state
@@ -195,19 +183,19 @@ pub async fn entry_feedback(
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FlushRequest {
+pub struct FlushRequest {
     /// Only this client key's entries; hashed like every tenant key, never kept.
     api_key: Option<String>,
 }
 
-pub async fn flush(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let request: FlushRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        FlushRequest::default()
-    } else {
-        parse_body(&body)?
-    };
+/// An empty body flushes everything.
+pub async fn flush(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<Option<FlushRequest>>,
+) -> Result<Json<Value>, ApiError> {
+    let request = request.unwrap_or_default();
     let tenant = request.api_key.as_deref().map(TenantId::from_api_key);
-    let removed = state.cache.flush(tenant);
+    let removed = state.cache.clear(tenant);
     tracing::info!(
         removed,
         one_tenant = tenant.is_some(),
@@ -218,7 +206,7 @@ pub async fn flush(State(state): State<AppState>, body: Bytes) -> Result<Json<Va
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InvalidateRequest {
+pub struct InvalidateRequest {
     prompt: String,
     /// Defaults to the live threshold.
     min_similarity: Option<f32>,
@@ -228,8 +216,10 @@ struct InvalidateRequest {
 
 /// Removes every entry whose prompt is at least `min_similarity` similar to `prompt`: for
 /// when the facts behind a family of answers change.
-pub async fn invalidate(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let request: InvalidateRequest = parse_body(&body)?;
+pub async fn invalidate(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<InvalidateRequest>,
+) -> Result<Json<Value>, ApiError> {
     let min_similarity = request
         .min_similarity
         .unwrap_or_else(|| state.settings.load().threshold);

@@ -6,6 +6,7 @@ mod auth;
 mod body;
 mod error;
 mod guard;
+mod json;
 mod openai;
 mod serve;
 mod stats;
@@ -20,10 +21,12 @@ use axum::http::header::{
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{any, delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
 use tower_http::trace::TraceLayer;
 
+/// The service's routes, for whoever serves them ([`serve`], or a test's `oneshot`).
+pub use axum::Router;
 pub use body::BodyLimits;
 pub use error::ApiError;
 pub use guard::AllowedHosts;

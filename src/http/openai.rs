@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::tenant_of;
 use super::error::ApiError;
+use super::json::JsonBody;
 use super::AppState;
 use crate::cache::{
     CacheRequest, Controls, Criteria, Feedback, Outcome, Protocol, Replay, Served, ServedBody,
@@ -253,7 +254,7 @@ fn passthrough_response(
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FeedbackRequest {
+pub struct FeedbackRequest {
     entry_id: u64,
     correct: bool,
     /// The `x-semcache-similarity` the answer was served with; the last one when absent.
@@ -265,15 +266,8 @@ struct FeedbackRequest {
 pub async fn feedback(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Body,
+    JsonBody(request): JsonBody<FeedbackRequest>,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(body, state.body_limits.max_bytes).await?;
-    let request: FeedbackRequest = serde_json::from_slice(&bytes).map_err(|err| {
-        ApiError::InvalidRequest(crate::openai::Invalid {
-            message: format!("Invalid feedback: {err}. Expected {{\"entry_id\": 42, \"correct\": false}}."),
-            param: None,
-        })
-    })?;
     if request.similarity.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
         return Err(ApiError::InvalidRequest(crate::openai::Invalid {
             message: "'similarity' must be within [0, 1].".to_owned(),

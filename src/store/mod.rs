@@ -62,16 +62,16 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 /// apart from the entries so that updating them rewrites 32 bytes, not a whole record.
 const USAGE: TableDefinition<u64, (u64, u64, u64, u64)> = TableDefinition::new("usage");
 
-/// What changes about an entry after it is stored.
+/// What changes about an entry after it is stored: its hit counts and feedback.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Usage {
+pub struct Counts {
     pub hits: u64,
     pub last_hit_ms: u64,
     pub own_threshold: f32,
     pub wrong_reports: u64,
 }
 
-impl Usage {
+impl Counts {
     fn of(record: &Record) -> Self {
         Self {
             hits: record.hits,
@@ -139,7 +139,7 @@ pub enum Op {
     /// What changed about an entry since it was stored.
     Touch {
         id: u64,
-        usage: Usage,
+        counts: Counts,
     },
 }
 
@@ -311,7 +311,7 @@ impl Store {
             let mut record =
                 Record::decode(bytes.value()).map_err(|message| Error::Decode { id, message })?;
             if let Some(counts) = usage.get(id).map_err(db_error)? {
-                Usage::apply(counts.value(), &mut record);
+                Counts::apply(counts.value(), &mut record);
             }
             let vector = record.embedding.take().map(|embedding| {
                 if loaded.vectors.capacity() == 0 {
@@ -340,14 +340,14 @@ impl Store {
                             .insert(record.id, record.encode().as_slice())
                             .map_err(db_error)?;
                         usage
-                            .insert(record.id, Usage::of(record).row())
+                            .insert(record.id, Counts::of(record).row())
                             .map_err(db_error)?;
                     }
                     Op::Delete(id) => {
                         entries.remove(id).map_err(db_error)?;
                         usage.remove(id).map_err(db_error)?;
                     }
-                    Op::Touch { id, usage: changed } => {
+                    Op::Touch { id, counts: changed } => {
                         // A touch for an entry deleted in the meantime must not resurrect it.
                         if entries.get(id).map_err(db_error)?.is_some() {
                             usage.insert(id, changed.row()).map_err(db_error)?;
@@ -425,7 +425,7 @@ mod tests {
                 Op::Delete(1),
                 Op::Touch {
                     id: 2,
-                    usage: Usage {
+                    counts: Counts {
                         hits: 5,
                         last_hit_ms: 77,
                         own_threshold: 0.91,
@@ -434,7 +434,7 @@ mod tests {
                 },
                 Op::Touch {
                     id: 1,
-                    usage: Usage {
+                    counts: Counts {
                         hits: 9,
                         last_hit_ms: 9,
                         own_threshold: 0.0,

@@ -1,0 +1,45 @@
+//! Feedback: what an application or operator says about an answer it was served.
+
+use std::sync::atomic::Ordering;
+
+use super::Cache;
+
+/// Wrong-answer reports after which an entry is evicted.
+const WRONG_REPORTS_TO_EVICT: u64 = 3;
+
+/// What a feedback report did to its entry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Feedback {
+    /// A correct report: counted, nothing changes.
+    Noted,
+    /// The entry now needs at least this similarity.
+    Raised(f32),
+    /// Wrong once too often, or wrong on an exact match: the entry is gone.
+    Evicted,
+}
+
+impl Cache {
+    /// Feedback from the application on an answer it was served. A wrong answer raises the
+    /// entry's own threshold just above the similarity at which it was served (an exact hit
+    /// being wrong means the answer itself is), and repeated reports evict it.
+    pub fn report(&self, entry_id: u64, correct: bool, similarity: Option<f32>) -> Option<Feedback> {
+        let entry = self.get(entry_id)?;
+        if correct {
+            return Some(Feedback::Noted);
+        }
+        let reports = entry.wrong_reports.fetch_add(1, Ordering::Relaxed) + 1;
+        let served_at =
+            similarity.unwrap_or_else(|| f32::from_bits(entry.last_similarity.load(Ordering::Relaxed)));
+        // Wrong at similarity 1, or never served at all (an operator's verdict on the answer
+        // itself): nothing else could be served from it.
+        if reports >= WRONG_REPORTS_TO_EVICT || served_at >= 0.9999 || served_at <= 0.0 {
+            self.remove(entry_id);
+            return Some(Feedback::Evicted);
+        }
+        let raised = (served_at + 0.005).min(1.0).max(entry.own_threshold());
+        entry.own_threshold.store(raised.to_bits(), Ordering::Relaxed);
+        // Saved with the hit counts at the next upkeep.
+        entry.counts_changed.store(true, Ordering::Relaxed);
+        Some(Feedback::Raised(raised))
+    }
+}

@@ -1,0 +1,204 @@
+//! Lookup: the exact layer, then candidates by meaning from the request's own partition,
+//! checked for age, for their own threshold and by the hit verifier.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{Cache, Entry, RequestKey};
+use crate::embed;
+use crate::verify::{self, Reason, Rejection};
+
+/// Candidates above the threshold considered by a semantic lookup, most similar first: an
+/// expired or refused one gives way to the next.
+const CANDIDATES: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitKind {
+    /// The same prompt in the same context; no embedding was computed.
+    Exact,
+    /// A prompt close enough in meaning, in the same context.
+    Semantic,
+}
+
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub entry: Arc<Entry>,
+    pub similarity: f32,
+    pub kind: HitKind,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Miss {
+    /// The prompt's embedding, kept so that storing the answer need not compute it again.
+    pub embedding: Option<Vec<f32>>,
+    /// Similarity of the best candidate that was not served: below the threshold, or refused.
+    pub nearest: Option<f32>,
+    /// Why the best candidate above the threshold was refused by the verifier, if it was.
+    pub refused: Option<Rejection>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Hit(Hit),
+    Miss(Miss),
+}
+
+/// What a lookup may serve.
+#[derive(Debug, Clone, Copy)]
+pub struct Criteria {
+    pub threshold: f32,
+    /// Entries older than this are not served (`Cache-Control: max-age` on the request).
+    pub max_age: Option<Duration>,
+    /// Whether semantic candidates must pass the hit verifier.
+    pub verify: bool,
+}
+
+enum Unservable {
+    Gone,
+    Expired,
+    TooOld,
+}
+
+impl Cache {
+    /// An entry that may be served: not expired (expired ones are removed on the way) and not
+    /// older than the request allows.
+    fn servable(&self, entry_id: u64, criteria: &Criteria) -> Result<Arc<Entry>, Unservable> {
+        let entry = self.get(entry_id).ok_or(Unservable::Gone)?;
+        let now = SystemTime::now();
+        if entry.is_expired(now) {
+            self.remove(entry_id);
+            return Err(Unservable::Expired);
+        }
+        if criteria
+            .max_age
+            .is_some_and(|max_age| entry.is_older_than(max_age, now))
+        {
+            return Err(Unservable::TooOld);
+        }
+        Ok(entry)
+    }
+
+    /// The exact layer alone: no embedding is computed.
+    pub fn lookup_exact(&self, key: &RequestKey, criteria: &Criteria) -> Option<Hit> {
+        let entry_id = *self.inner.read().exact.get(&key.exact)?;
+        let entry = self.servable(entry_id, criteria).ok()?;
+        entry.touch(&self.clock);
+        entry.last_similarity.store(1.0f32.to_bits(), Ordering::Relaxed);
+        Some(Hit {
+            entry,
+            similarity: 1.0,
+            kind: HitKind::Exact,
+        })
+    }
+
+    /// Exact lookup, then a search by meaning among the entries of the same tenant and context.
+    /// Embedding runs on a batching thread, and the search on a blocking thread: with the
+    /// verifier it takes a few hundred microseconds at 100k entries, too long to hold an async
+    /// worker.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        key: &RequestKey,
+        criteria: &Criteria,
+    ) -> Result<Lookup, embed::Error> {
+        if let Some(hit) = self.lookup_exact(key, criteria) {
+            return Ok(Lookup::Hit(hit));
+        }
+        // With nothing to compare with (a new conversation, a new tenant), the embedding is not
+        // needed before the upstream call: the caller can compute it alongside, for storing.
+        if !key.is_semantic() || self.index.partition_len(&key.partition()) == 0 {
+            return Ok(Lookup::Miss(Miss::default()));
+        }
+        let embedding = self.embed(&key.prompt).await?;
+        let cache = Arc::clone(self);
+        let (key, criteria) = (key.clone(), *criteria);
+        tokio::task::spawn_blocking(move || cache.lookup_embedded(&key, embedding, &criteria))
+            .await
+            .map_err(|err| embed::Error::Task(format!("the index search failed: {err}")))
+    }
+
+    /// The semantic layer, for a prompt already embedded. Candidates above the threshold (and
+    /// above their own, feedback-raised threshold) are tried most similar first; the first that
+    /// is servable and passes the verifier is the hit.
+    pub fn lookup_embedded(&self, key: &RequestKey, embedding: Vec<f32>, criteria: &Criteria) -> Lookup {
+        let partition = key.partition();
+        let candidates = self.index.top(&partition, &embedding, CANDIDATES);
+        let mut refused: Option<(Rejection, f32)> = None;
+        let mut best_unserved = candidates.first().map(|c| c.similarity);
+        let mut query_seen = None;
+        for candidate in candidates.iter().filter(|c| c.similarity >= criteria.threshold) {
+            let entry = match self.servable(candidate.entry_id, criteria) {
+                Ok(entry) => entry,
+                Err(Unservable::Expired | Unservable::Gone) => {
+                    self.index.remove(&partition, candidate.entry_id);
+                    continue;
+                }
+                Err(Unservable::TooOld) => continue,
+            };
+            if candidate.similarity < entry.own_threshold() {
+                continue;
+            }
+            if criteria.verify {
+                let query_seen = *query_seen.get_or_insert_with(|| self.embedder.seen_len(&key.prompt));
+                let verdict = self
+                    .compare_unseen(&key.prompt, query_seen, &entry)
+                    .and_then(|()| verify::verify(&entry.prompt, &key.prompt));
+                if let Err(rejection) = verdict {
+                    tracing::debug!(entry = entry.id, reason = rejection.reason.as_str(), detail = %rejection.detail, "candidate refused");
+                    refused.get_or_insert((rejection, candidate.similarity));
+                    continue;
+                }
+            }
+            entry.touch(&self.clock);
+            let similarity = candidate.similarity.min(1.0);
+            entry
+                .last_similarity
+                .store(similarity.to_bits(), Ordering::Relaxed);
+            return Lookup::Hit(Hit {
+                entry,
+                similarity,
+                kind: HitKind::Semantic,
+            });
+        }
+        if let Some((_, similarity)) = &refused {
+            best_unserved = Some(*similarity);
+        }
+        Lookup::Miss(Miss {
+            embedding: Some(embedding),
+            nearest: best_unserved,
+            refused: refused.map(|(rejection, _)| rejection),
+        })
+    }
+
+    /// Refuses a candidate when the two prompts differ where the model does not read them, past
+    /// the end of its window: there the vectors are blind. Both prompts must end with the
+    /// longer of their unread tails, so that every difference lies in text the model has read.
+    fn compare_unseen(&self, query: &str, query_seen: Option<usize>, entry: &Entry) -> Result<(), Rejection> {
+        let entry_seen = *entry
+            .seen_len
+            .get_or_init(|| self.embedder.seen_len(&entry.prompt));
+        if query_seen.is_none() && entry_seen.is_none() {
+            return Ok(());
+        }
+        let unread = |text: &'_ str, seen: Option<usize>| -> usize {
+            seen.map_or(0, |seen| text.len().saturating_sub(seen))
+        };
+        let (query_unread, entry_unread) = (unread(query, query_seen), unread(&entry.prompt, entry_seen));
+        let tail = if query_unread >= entry_unread {
+            &query[query.len() - query_unread..]
+        } else {
+            &entry.prompt[entry.prompt.len() - entry_unread..]
+        };
+        if query.ends_with(tail) && entry.prompt.ends_with(tail) {
+            Ok(())
+        } else {
+            Err(Rejection {
+                reason: Reason::Unseen,
+                detail: format!(
+                    "the prompts differ past the model's window ({} and {} bytes unread)",
+                    query_unread, entry_unread
+                ),
+            })
+        }
+    }
+}
