@@ -17,6 +17,8 @@ use super::{ApiError, AppState};
 
 pub struct Admission {
     permits: Arc<Semaphore>,
+    /// The bound on requests in flight, as configured (`Semaphore::MAX_PERMITS`: none).
+    bound: usize,
     waiting: AtomicUsize,
     max_waiting: usize,
     max_wait: Duration,
@@ -26,16 +28,28 @@ impl Admission {
     /// `in_flight` requests at once (0: no bound), up to `max_waiting` more waiting at most
     /// `max_wait` for a turn.
     pub fn new(in_flight: usize, max_waiting: usize, max_wait: Duration) -> Self {
+        let bound = if in_flight == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            in_flight
+        };
         Self {
-            permits: Arc::new(Semaphore::new(if in_flight == 0 {
-                Semaphore::MAX_PERMITS
-            } else {
-                in_flight
-            })),
+            permits: Arc::new(Semaphore::new(bound)),
+            bound,
             waiting: AtomicUsize::new(0),
             max_waiting,
             max_wait,
         }
+    }
+
+    /// Requests holding a turn now.
+    pub fn in_flight(&self) -> usize {
+        self.bound - self.permits.available_permits()
+    }
+
+    /// Requests waiting for a turn now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     async fn admit(&self) -> Option<OwnedSemaphorePermit> {

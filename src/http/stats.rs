@@ -51,6 +51,8 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "bypassed": s.bypassed,
         "rejected": s.rejected,
         "shed": s.shed,
+        "in_flight": state.admission.in_flight(),
+        "waiting": state.admission.waiting(),
         "cache_failures": s.cache_failures,
         "store_failures": state.cache.store_failures(),
         "store_lost": state.cache.store_lost(),
@@ -81,15 +83,17 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let snapshot = state.stats.snapshot();
-    let text = prometheus_text(
-        &snapshot,
-        state.cache.len(),
-        state.cache.store_failures(),
-        state.cache.store_lost().is_some(),
-        state.settings.load().threshold,
-        state.stats.hit_similarity.sum(),
-        state.stats.near_miss_similarity.sum(),
-    );
+    let live = Live {
+        entries: state.cache.len(),
+        store_failures: state.cache.store_failures(),
+        store_lost: state.cache.store_lost().is_some(),
+        in_flight: state.admission.in_flight(),
+        waiting: state.admission.waiting(),
+        threshold: state.settings.load().threshold,
+        hit_sum: state.stats.hit_similarity.sum(),
+        near_sum: state.stats.near_miss_similarity.sum(),
+    };
+    let text = prometheus_text(&snapshot, &live);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -101,15 +105,30 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn prometheus_text(
-    s: &Snapshot,
+/// What `/metrics` reads from the live service besides the stats snapshot.
+#[derive(Clone, Copy)]
+struct Live {
     entries: usize,
     store_failures: u64,
     store_lost: bool,
+    in_flight: usize,
+    waiting: usize,
     threshold: f32,
     hit_sum: f64,
     near_sum: f64,
-) -> String {
+}
+
+fn prometheus_text(s: &Snapshot, live: &Live) -> String {
+    let Live {
+        entries,
+        store_failures,
+        store_lost,
+        in_flight,
+        waiting,
+        threshold,
+        hit_sum,
+        near_sum,
+    } = *live;
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -140,6 +159,18 @@ fn prometheus_text(
         "counter",
         "Requests turned away with 503 because the service was overloaded.",
         &plain(s.shed as f64),
+    );
+    family(
+        "semcache_in_flight_requests",
+        "gauge",
+        "Proxied requests holding a turn now (bounded by --max-in-flight).",
+        &plain(in_flight as f64),
+    );
+    family(
+        "semcache_waiting_requests",
+        "gauge",
+        "Proxied requests waiting for a turn now (bounded by --max-waiting).",
+        &plain(waiting as f64),
     );
     family(
         "semcache_cache_failures_total",

@@ -206,7 +206,7 @@ async fn a_client_leaving_mid_stream_does_not_lose_the_answer_for_others() {
     let other = semcache.chat(&chat_body(prompt)).await;
     assert_eq!(other.status, 200);
     assert!(other.content().starts_with("Answer #1"), "{}", other.content());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    semcache.wait_for_stat("entries", 1).await;
     let later = semcache.chat(&chat_body(prompt)).await;
     assert_eq!(later.cache(), "hit", "the stream was read to the end and stored");
     assert_eq!(upstream.chat_calls(), 1);

@@ -26,9 +26,9 @@ async fn past_its_bounds_the_service_sheds_load_quickly() {
         tokio::spawn(async move { Reply::from(request.send().await.unwrap()).await })
     };
     let first = slow("What is the tallest mountain in Europe?");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    semcache.wait_for_stat("in_flight", 1).await;
     let waiting = slow("How many moons does Jupiter have?");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    semcache.wait_for_stat("waiting", 1).await;
     let started = Instant::now();
     let turned_away = semcache.chat(&chat_body("Who wrote Don Quixote?")).await;
     assert!(

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{chat_body, fresh_data_dir, spawn_binary, Reply, TestUpstream, KEY_A};
+use crate::support::{chat_body, fresh_data_dir, spawn_binary, wait_until, Reply, TestUpstream, KEY_A};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight_and_keeps_their_answers() {
@@ -24,14 +24,36 @@ async fn sigterm_finishes_requests_in_flight_and_keeps_their_answers() {
 
     upstream.set_delay(Duration::from_millis(1500));
     let in_flight = tokio::spawn(ask("What is the capital of Chile?"));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_until("the upstream has the request", || upstream.chat_calls() == 2).await;
     let pid = process.child.id().to_string();
     let signalled = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(signalled.success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the binary saw the signal", || {
+        process
+            .output
+            .lock()
+            .iter()
+            .any(|line| line.contains("shutting down"))
+    })
+    .await;
+    // The listener closes just after saying so.
+    let refused = async {
+        loop {
+            if tokio::net::TcpStream::connect(process.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), refused)
+            .await
+            .is_ok(),
+        "no new connections after SIGTERM"
+    );
     assert!(
         reqwest::Client::new().post(&url).send().await.is_err(),
         "no new connections after SIGTERM"

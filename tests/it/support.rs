@@ -329,6 +329,23 @@ impl Semcache {
         reply.json()
     }
 
+    /// Waits until `/stats` reports `value` for `field` (an event in the server, seen from
+    /// outside), for at most 10 s.
+    pub async fn wait_for_stat(&self, field: &str, value: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = self.get_json("/stats").await;
+            if stats[field] == value {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{field} never reached {value}: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Posts a chat completion with tenant A's key.
     pub async fn chat(&self, body: &Value) -> Reply {
         self.chat_as(KEY_A, body, &[]).await
@@ -626,4 +643,13 @@ pub fn raw_request(method: &str, path: &str, headers: &[&str], body: &[u8]) -> V
     let mut bytes = request.into_bytes();
     bytes.extend_from_slice(body);
     bytes
+}
+
+/// Waits until `condition` holds, checking every few milliseconds, for at most 10 s.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
