@@ -33,22 +33,30 @@ async fn load_model(backend: Backend, model_dir: &Path) -> anyhow::Result<Arc<dy
     Ok(embedder)
 }
 
+/// Draws the report's curves when `--plot` asks, and prints it as JSON when `--json` does:
+/// then nothing more is printed (returns true).
+fn plot_or_json(
+    options: &EvalOptions,
+    title: &str,
+    series: &[eval::Series],
+    report: &impl serde::Serialize,
+) -> anyhow::Result<bool> {
+    if let Some(path) = &options.plot {
+        eval::plot(path, title, series, options.font.as_deref())?;
+    }
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(options.json)
+}
+
 async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     let pairs = eval::sample(eval::read_pairs(file)?, options.sample, options.seed);
     let embedder = load_model(options.embedder, &options.model_dir).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
-    if let Some(path) = &options.plot {
-        let title = format!("{} ({} pairs)", file.display(), report.pairs);
-        eval::plot(
-            path,
-            &title,
-            &eval::pairs_series(&report),
-            options.font.as_deref(),
-        )?;
-    }
-    if options.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let title = format!("{} ({} pairs)", file.display(), report.pairs);
+    if plot_or_json(options, &title, &eval::pairs_series(&report), &report)? {
         return Ok(());
     }
     println!(
@@ -71,17 +79,8 @@ async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyho
     let embedder = load_model(options.embedder, &options.model_dir).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_intents(&embedder, &stored, &asked, &grid).await?;
-    if let Some(path) = &options.plot {
-        let title = format!("{} stored, {} asked", report.stored, report.asked);
-        eval::plot(
-            path,
-            &title,
-            &eval::intents_series(&report),
-            options.font.as_deref(),
-        )?;
-    }
-    if options.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let title = format!("{} stored, {} asked", report.stored, report.asked);
+    if plot_or_json(options, &title, &eval::intents_series(&report), &report)? {
         return Ok(());
     }
     println!(

@@ -306,6 +306,18 @@ mod tests {
         }
     }
 
+    /// A cache of three entries, full: apple, banana, cherry.
+    async fn full_cache(eviction: Eviction) -> Cache {
+        let config = Config {
+            max_entries: 3,
+            eviction,
+            ..Config::default()
+        };
+        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
+        fill(&cache, &["apple", "banana", "cherry"]).await;
+        cache
+    }
+
     #[tokio::test]
     async fn expired_entries_are_never_served() {
         let cache = Arc::new(Cache::new(
@@ -345,13 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn lru_evicts_the_least_recently_used() {
-        let config = Config {
-            max_entries: 3,
-            eviction: Eviction::Lru,
-            ..Config::default()
-        };
-        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
-        fill(&cache, &["apple", "banana", "cherry"]).await;
+        let cache = full_cache(Eviction::Lru).await;
         assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());
         fill(&cache, &["date"]).await;
         assert_eq!(cache.len(), 3);
@@ -367,13 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn lfu_evicts_the_least_frequently_used() {
-        let config = Config {
-            max_entries: 3,
-            eviction: Eviction::Lfu,
-            ..Config::default()
-        };
-        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
-        fill(&cache, &["apple", "banana", "cherry"]).await;
+        let cache = full_cache(Eviction::Lfu).await;
         for _ in 0..3 {
             cache.lookup_exact(&key("apple"), &ANY);
             cache.lookup_exact(&key("cherry"), &ANY);
@@ -391,13 +391,7 @@ mod tests {
 
     #[tokio::test]
     async fn lfu_forgets_past_popularity_as_the_cache_ages() {
-        let config = Config {
-            max_entries: 3,
-            eviction: Eviction::Lfu,
-            ..Config::default()
-        };
-        let cache = Cache::new(Arc::new(FirstLetter { fails: false }), config);
-        fill(&cache, &["apple", "banana", "cherry"]).await;
+        let cache = full_cache(Eviction::Lfu).await;
         // Yesterday's favourite...
         for _ in 0..1000 {
             cache.lookup_exact(&key("apple"), &ANY);

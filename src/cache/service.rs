@@ -613,11 +613,10 @@ mod tests {
         }
     }
 
-    async fn ask(
-        service: &Service,
-        body: &'static str,
-        call: impl FnOnce(Bytes) -> futures::future::Ready<Result<UpstreamReply, upstream::Error>>,
-    ) -> Served {
+    async fn ask<F>(service: &Service, body: &'static str, call: impl FnOnce(Bytes) -> F) -> Served
+    where
+        F: Future<Output = Result<UpstreamReply, upstream::Error>>,
+    {
         let request = Text.parse(body.as_bytes()).unwrap();
         service
             .answer(
@@ -642,14 +641,19 @@ mod tests {
         }
     }
 
-    async fn events(served: Served) -> Vec<Bytes> {
+    fn event_receiver(served: Served) -> mpsc::Receiver<Bytes> {
         let Served::Upstream {
-            body: ServedBody::Events(mut receiver),
+            body: ServedBody::Events(receiver),
             ..
         } = served
         else {
             panic!("not a stream");
         };
+        receiver
+    }
+
+    async fn events(served: Served) -> Vec<Bytes> {
+        let mut receiver = event_receiver(served);
         let mut events = Vec::new();
         while let Some(event) = receiver.recv().await {
             events.push(event);
@@ -687,13 +691,7 @@ mod tests {
             upstream(&calls, 200, &["ok\n", "yes\nEND\n"]),
         )
         .await;
-        let Served::Upstream {
-            body: ServedBody::Events(mut receiver),
-            ..
-        } = served
-        else {
-            panic!("not a stream");
-        };
+        let mut receiver = event_receiver(served);
         let mut seen = Vec::new();
         while let Some(event) = receiver.recv().await {
             if &event[..] == b"<end>" {
@@ -752,7 +750,6 @@ mod tests {
                 Arc::clone(&upstream_calls),
             );
             tokio::spawn(async move {
-                let request = Text.parse(b"eggs?").unwrap();
                 let call = |_body| async move {
                     upstream_calls.fetch_add(1, Ordering::SeqCst);
                     gate.notified().await;
@@ -762,14 +759,7 @@ mod tests {
                         body: futures::stream::iter([Ok(Bytes::from_static(b"ok: eggs"))]).boxed(),
                     })
                 };
-                let request = CacheRequest {
-                    tenant: TenantId::anonymous(),
-                    request: &request,
-                    body: Bytes::from_static(b"eggs?"),
-                    controls: CONTROLS,
-                    started: Instant::now(),
-                };
-                outcome(&service.answer(&Text, request, call).await.unwrap())
+                outcome(&ask(&service, "eggs?", call).await)
             })
         };
         // The follower joins once the leader is waiting on its upstream.
@@ -779,18 +769,8 @@ mod tests {
         let follower = {
             let service = Arc::clone(&service);
             tokio::spawn(async move {
-                let request = Text.parse(b"eggs?").unwrap();
-                let call = |_body| async move {
-                    panic!("a follower makes no call of its own");
-                };
-                let request = CacheRequest {
-                    tenant: TenantId::anonymous(),
-                    request: &request,
-                    body: Bytes::from_static(b"eggs?"),
-                    controls: CONTROLS,
-                    started: Instant::now(),
-                };
-                outcome(&service.answer(&Text, request, call).await.unwrap())
+                let call = |_body| async move { panic!("a follower makes no call of its own") };
+                outcome(&ask(&service, "eggs?", call).await)
             })
         };
         while service.cache().coalesced() == 0 {

@@ -464,69 +464,82 @@ pub fn intents_table(report: &IntentsReport, default: f32) -> String {
     out
 }
 
+/// A row of a threshold table: its threshold.
+trait AtThreshold {
+    fn threshold(&self) -> f32;
+}
+
+impl AtThreshold for PairsRow {
+    fn threshold(&self) -> f32 {
+        self.threshold
+    }
+}
+
+impl AtThreshold for IntentsRow {
+    fn threshold(&self) -> f32 {
+        self.threshold
+    }
+}
+
+/// A measure of a threshold's row, and its label.
+type Measure<'a, R> = (&'a str, fn(&R) -> f64);
+
+/// Two measures against the threshold, each by the threshold alone (dashed) and verified:
+/// the first in blue, the second in red.
+fn verified_and_plain<R: AtThreshold>(
+    plain: &[R],
+    verified: &[R],
+    measures: [Measure<'_, R>; 2],
+) -> Vec<Series> {
+    let colors = [
+        plotters::style::RGBColor(31, 119, 180),
+        plotters::style::RGBColor(214, 39, 40),
+    ];
+    let curve = |rows: &[R], f: fn(&R) -> f64| rows.iter().map(|row| (row.threshold(), f(row))).collect();
+    measures
+        .into_iter()
+        .zip(colors)
+        .flat_map(|((label, f), color)| {
+            [
+                Series {
+                    label: format!("{label}, threshold alone (dashed)"),
+                    color,
+                    dashed: true,
+                    points: curve(plain, f),
+                },
+                Series {
+                    label: format!("{label}, verified"),
+                    color,
+                    dashed: false,
+                    points: curve(verified, f),
+                },
+            ]
+        })
+        .collect()
+}
+
 /// Recall and false-hit rate against the threshold, without and with verification.
 pub fn pairs_series(report: &PairsReport) -> Vec<Series> {
-    let curve =
-        |rows: &[PairsRow], f: fn(&PairsRow) -> f64| rows.iter().map(|row| (row.threshold, f(row))).collect();
-    vec![
-        Series {
-            label: "duplicates served, threshold alone (dashed)".into(),
-            color: plotters::style::RGBColor(31, 119, 180),
-            dashed: true,
-            points: curve(&report.plain, |r| r.recall),
-        },
-        Series {
-            label: "duplicates served, verified".into(),
-            color: plotters::style::RGBColor(31, 119, 180),
-            dashed: false,
-            points: curve(&report.verified, |r| r.recall),
-        },
-        Series {
-            label: "non-duplicates served, threshold alone (dashed)".into(),
-            color: plotters::style::RGBColor(214, 39, 40),
-            dashed: true,
-            points: curve(&report.plain, |r| r.false_hit_rate),
-        },
-        Series {
-            label: "non-duplicates served, verified".into(),
-            color: plotters::style::RGBColor(214, 39, 40),
-            dashed: false,
-            points: curve(&report.verified, |r| r.false_hit_rate),
-        },
-    ]
+    verified_and_plain(
+        &report.plain,
+        &report.verified,
+        [
+            ("duplicates served", |r| r.recall),
+            ("non-duplicates served", |r| r.false_hit_rate),
+        ],
+    )
 }
 
 /// Hit rate and wrong share among hits against the threshold, without and with verification.
 pub fn intents_series(report: &IntentsReport) -> Vec<Series> {
-    let curve = |rows: &[IntentsRow], f: fn(&IntentsRow) -> f64| {
-        rows.iter().map(|row| (row.threshold, f(row))).collect()
-    };
-    vec![
-        Series {
-            label: "hit rate, threshold alone (dashed)".into(),
-            color: plotters::style::RGBColor(31, 119, 180),
-            dashed: true,
-            points: curve(&report.plain, |r| r.hit_rate),
-        },
-        Series {
-            label: "hit rate, verified".into(),
-            color: plotters::style::RGBColor(31, 119, 180),
-            dashed: false,
-            points: curve(&report.verified, |r| r.hit_rate),
-        },
-        Series {
-            label: "wrong among hits, threshold alone (dashed)".into(),
-            color: plotters::style::RGBColor(214, 39, 40),
-            dashed: true,
-            points: curve(&report.plain, |r| r.wrong_share),
-        },
-        Series {
-            label: "wrong among hits, verified".into(),
-            color: plotters::style::RGBColor(214, 39, 40),
-            dashed: false,
-            points: curve(&report.verified, |r| r.wrong_share),
-        },
-    ]
+    verified_and_plain(
+        &report.plain,
+        &report.verified,
+        [
+            ("hit rate", |r| r.hit_rate),
+            ("wrong among hits", |r| r.wrong_share),
+        ],
+    )
 }
 
 #[cfg(test)]

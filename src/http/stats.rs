@@ -148,60 +148,66 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
             ("{outcome=\"bypass\"}".to_owned(), s.bypassed as f64),
         ],
     );
-    family(
-        "semcache_rejected_requests_total",
-        "counter",
-        "Requests refused before the cache (bad body or header).",
-        &plain(s.rejected as f64),
-    );
-    family(
-        "semcache_shed_requests_total",
-        "counter",
-        "Requests turned away with 503 because the service was overloaded.",
-        &plain(s.shed as f64),
-    );
-    family(
-        "semcache_in_flight_requests",
-        "gauge",
-        "Proxied requests holding a turn now (bounded by --max-in-flight).",
-        &plain(in_flight as f64),
-    );
-    family(
-        "semcache_waiting_requests",
-        "gauge",
-        "Proxied requests waiting for a turn now (bounded by --max-waiting).",
-        &plain(waiting as f64),
-    );
-    family(
-        "semcache_cache_failures_total",
-        "counter",
-        "Requests forwarded without the cache because embedding or lookup failed.",
-        &plain(s.cache_failures as f64),
-    );
-    family(
-        "semcache_store_failures_total",
-        "counter",
-        "Changes the store could not save (disk full, I/O error); the entries stay in memory.",
-        &plain(store_failures as f64),
-    );
-    family(
-        "semcache_store_ok",
-        "gauge",
-        "1 while the store file is the one opened at start; 0 once it was removed or replaced (new entries then live in memory only).",
-        &plain(if store_lost { 0.0 } else { 1.0 }),
-    );
-    family(
-        "semcache_upstream_calls_total",
-        "counter",
-        "Calls sent to the upstream.",
-        &plain(s.upstream_calls as f64),
-    );
-    family(
-        "semcache_upstream_errors_total",
-        "counter",
-        "Upstream calls that timed out, failed, answered an error status or broke mid-stream.",
-        &plain(s.upstream_errors as f64),
-    );
+    // One sample each, no labels.
+    let single: [(&str, &str, &str, f64); 9] = [
+        (
+            "semcache_rejected_requests_total",
+            "counter",
+            "Requests refused before the cache (bad body or header).",
+            s.rejected as f64,
+        ),
+        (
+            "semcache_shed_requests_total",
+            "counter",
+            "Requests turned away with 503 because the service was overloaded.",
+            s.shed as f64,
+        ),
+        (
+            "semcache_in_flight_requests",
+            "gauge",
+            "Proxied requests holding a turn now (bounded by --max-in-flight).",
+            in_flight as f64,
+        ),
+        (
+            "semcache_waiting_requests",
+            "gauge",
+            "Proxied requests waiting for a turn now (bounded by --max-waiting).",
+            waiting as f64,
+        ),
+        (
+            "semcache_cache_failures_total",
+            "counter",
+            "Requests forwarded without the cache because embedding or lookup failed.",
+            s.cache_failures as f64,
+        ),
+        (
+            "semcache_store_failures_total",
+            "counter",
+            "Changes the store could not save (disk full, I/O error); the entries stay in memory.",
+            store_failures as f64,
+        ),
+        (
+            "semcache_store_ok",
+            "gauge",
+            "1 while the store file is the one opened at start; 0 once it was removed or replaced (new entries then live in memory only).",
+            if store_lost { 0.0 } else { 1.0 },
+        ),
+        (
+            "semcache_upstream_calls_total",
+            "counter",
+            "Calls sent to the upstream.",
+            s.upstream_calls as f64,
+        ),
+        (
+            "semcache_upstream_errors_total",
+            "counter",
+            "Upstream calls that timed out, failed, answered an error status or broke mid-stream.",
+            s.upstream_errors as f64,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        family(name, kind, help, &plain(value));
+    }
     family(
         "semcache_tokens_saved_total",
         "counter",
