@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,9 +26,10 @@ use super::body::Held;
 pub struct ConnectionLimits {
     /// Open connections at once; past it, new ones wait in the listen queue.
     pub max_connections: usize,
-    /// Time a client gets to send a request's headers; then the connection is closed.
+    /// Time a client gets to send a request's headers, from the first byte (from the
+    /// connection's start for its first request); then the connection is closed.
     pub header_timeout: Duration,
-    /// Time a connection may stay open with no request in flight.
+    /// Time a keep-alive connection may stay open between requests.
     pub idle_timeout: Duration,
 }
 
@@ -77,21 +78,120 @@ pub async fn serve(
     let _ = slots.acquire_many(all).await;
 }
 
-/// Whether a connection has a request in flight, and since when it has had none.
+/// What a connection is doing, as its watchdog sees it: a request in flight, a request's head
+/// on its way, or nothing.
 struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last request in flight finished.
     last_done_ms: AtomicU64,
+    /// A request's head is awaited: the connection is new, or bytes came while no request was
+    /// in flight.
+    head_pending: AtomicBool,
+    /// Milliseconds after `opened` when the pending head began.
+    head_started_ms: AtomicU64,
+}
+
+/// Why a connection with nothing in flight is closed.
+#[derive(Debug)]
+enum Close {
+    /// Its request's head took longer than `--header-timeout-secs` (or never came).
+    SlowHead,
+    /// Nothing was asked for `--idle-timeout-secs`.
+    Idle,
 }
 
 impl Activity {
-    fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+            head_pending: AtomicBool::new(true),
+            head_started_ms: AtomicU64::new(0),
         }
-        let last_done = Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
-        self.opened.elapsed().saturating_sub(last_done)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    /// Bytes arrived: with no request in flight, they begin the next request's head.
+    fn read_some(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 && !self.head_pending.swap(true, Ordering::AcqRel) {
+            self.head_started_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    /// Whether the connection should be closed now, and why.
+    fn overdue(&self, limits: &ConnectionLimits) -> Option<Close> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since =
+            |ms: &AtomicU64| Duration::from_millis(self.now_ms().saturating_sub(ms.load(Ordering::Acquire)));
+        if self.head_pending.load(Ordering::Acquire) {
+            (since(&self.head_started_ms) >= limits.header_timeout).then_some(Close::SlowHead)
+        } else {
+            (since(&self.last_done_ms) >= limits.idle_timeout).then_some(Close::Idle)
+        }
+    }
+}
+
+/// The client's socket, telling the connection's [`Activity`] when bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 
@@ -101,6 +201,7 @@ struct Busy(Arc<Activity>);
 impl Busy {
     fn start(activity: &Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.head_pending.store(false, Ordering::Release);
         Self(Arc::clone(activity))
     }
 }
@@ -122,11 +223,7 @@ async fn connection(
     _slot: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let activity = Arc::new(Activity {
-        opened: Instant::now(),
-        in_flight: AtomicUsize::new(0),
-        last_done_ms: AtomicU64::new(0),
-    });
+    let activity = Arc::new(Activity::new());
     let service = {
         let activity = Arc::clone(&activity);
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -142,15 +239,19 @@ async fn connection(
             }
         })
     };
+    // hyper's own header timeout also runs between keep-alive requests, which would make it
+    // the idle timeout too; the watchdog below keeps the two apart.
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = Watched {
+        stream,
+        activity: Arc::clone(&activity),
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(50)));
+    let period = limits.header_timeout.min(limits.idle_timeout) / 4;
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {
@@ -166,10 +267,10 @@ async fn connection(
                 closing = true;
             }
             _ = tick.tick(), if !closing => {
-                if activity.idle_for() >= limits.idle_timeout {
-                    tracing::debug!(%peer, "closing an idle connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                // Nothing is in flight: closing the socket loses no answer.
+                if let Some(why) = activity.overdue(&limits) {
+                    tracing::debug!(%peer, ?why, "closing a connection");
+                    return;
                 }
             }
         }

@@ -171,21 +171,35 @@ async fn slow_headers_and_idle_connections_are_closed() {
     let upstream = TestUpstream::start().await;
     let semcache = Semcache::start_with(&upstream, |args| {
         args.header_timeout_secs = 1;
-        args.idle_timeout_secs = 2;
+        args.idle_timeout_secs = 3;
     })
     .await;
-    // Headers that never end.
+    // Headers that never end, and a connection that never says anything.
     let mut slow = Raw::connect(semcache.addr).await;
     slow.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1")
         .await;
+    let mut silent = Raw::connect(semcache.addr).await;
     // A keep-alive connection that asks once, then says nothing.
     let mut idle = Raw::connect(semcache.addr).await;
     idle.send(&raw_request("GET", "/healthz", &[], b"")).await;
     assert_eq!(idle.response().await.status, 200);
+    let asked = Instant::now();
     assert!(
         slow.closed_within(Duration::from_secs(5)).await,
         "slow headers closed"
     );
+    assert!(
+        silent.closed_within(Duration::from_secs(5)).await,
+        "a silent connection closed"
+    );
+    // Between requests, the idle timeout applies, not the header timeout.
+    let still_open = Duration::from_millis(1500).saturating_sub(asked.elapsed());
+    assert!(
+        !idle.closed_within(still_open).await,
+        "closed before --idle-timeout-secs"
+    );
+    idle.send(&raw_request("GET", "/healthz", &[], b"")).await;
+    assert_eq!(idle.response().await.status, 200, "the connection is reused");
     assert!(
         idle.closed_within(Duration::from_secs(6)).await,
         "idle connection closed"
