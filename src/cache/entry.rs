@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::{Eviction, ExactKey, Fingerprint, TenantId};
 use crate::store::Record;
+use crate::verify;
 
 /// Token counts of an answer, as the upstream reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,6 +60,9 @@ pub struct Entry {
     /// How much of the prompt the model reads (see `Embedder::seen_len`), found when first
     /// needed.
     pub(super) seen_len: OnceLock<Option<usize>>,
+    /// The prompt as the hit verifier reads it, found when the entry is first a candidate and
+    /// kept: a popular entry is compared with many requests.
+    pub(super) analysis: OnceLock<verify::Analysis>,
 }
 
 impl Entry {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Cache, Entry, RequestKey};
 use crate::embed;
-use crate::verify::{self, Reason, Rejection};
+use crate::verify::{self, Rejection};
 
 /// Candidates above the threshold considered by a semantic lookup, most similar first: an
 /// expired or refused one gives way to the next.
@@ -125,7 +125,8 @@ impl Cache {
         let candidates = self.index.top(&partition, &embedding, CANDIDATES);
         let mut refused: Option<(Rejection, f32)> = None;
         let mut best_unserved = candidates.first().map(|c| c.similarity);
-        let mut query_seen = None;
+        // The request's prompt, analysed once for all its candidates.
+        let (mut query_seen, mut query) = (None, None);
         for candidate in candidates.iter().filter(|c| c.similarity >= criteria.threshold) {
             let entry = match self.servable(candidate.entry_id, criteria) {
                 Ok(entry) => entry,
@@ -140,9 +141,17 @@ impl Cache {
             }
             if criteria.verify {
                 let query_seen = *query_seen.get_or_insert_with(|| self.embedder.seen_len(&key.prompt));
-                let verdict = self
-                    .compare_unseen(&key.prompt, query_seen, &entry)
-                    .and_then(|()| verify::verify(&entry.prompt, &key.prompt));
+                let entry_seen = *entry
+                    .seen_len
+                    .get_or_init(|| self.embedder.seen_len(&entry.prompt));
+                let verdict =
+                    verify::unseen(&key.prompt, query_seen, &entry.prompt, entry_seen).and_then(|()| {
+                        let stored = entry.analysis.get_or_init(|| verify::Analysis::of(&entry.prompt));
+                        verify::check(
+                            stored,
+                            query.get_or_insert_with(|| verify::Analysis::of(&key.prompt)),
+                        )
+                    });
                 if let Err(rejection) = verdict {
                     tracing::debug!(entry = entry.id, reason = rejection.reason.as_str(), detail = %rejection.detail, "candidate refused");
                     refused.get_or_insert((rejection, candidate.similarity));
@@ -168,37 +177,5 @@ impl Cache {
             nearest: best_unserved,
             refused: refused.map(|(rejection, _)| rejection),
         })
-    }
-
-    /// Refuses a candidate when the two prompts differ where the model does not read them, past
-    /// the end of its window: there the vectors are blind. Both prompts must end with the
-    /// longer of their unread tails, so that every difference lies in text the model has read.
-    fn compare_unseen(&self, query: &str, query_seen: Option<usize>, entry: &Entry) -> Result<(), Rejection> {
-        let entry_seen = *entry
-            .seen_len
-            .get_or_init(|| self.embedder.seen_len(&entry.prompt));
-        if query_seen.is_none() && entry_seen.is_none() {
-            return Ok(());
-        }
-        let unread = |text: &'_ str, seen: Option<usize>| -> usize {
-            seen.map_or(0, |seen| text.len().saturating_sub(seen))
-        };
-        let (query_unread, entry_unread) = (unread(query, query_seen), unread(&entry.prompt, entry_seen));
-        let tail = if query_unread >= entry_unread {
-            &query[query.len() - query_unread..]
-        } else {
-            &entry.prompt[entry.prompt.len() - entry_unread..]
-        };
-        if query.ends_with(tail) && entry.prompt.ends_with(tail) {
-            Ok(())
-        } else {
-            Err(Rejection {
-                reason: Reason::Unseen,
-                detail: format!(
-                    "the prompts differ past the model's window ({} and {} bytes unread)",
-                    query_unread, entry_unread
-                ),
-            })
-        }
     }
 }

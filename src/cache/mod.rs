@@ -166,6 +166,7 @@ impl Cache {
             wrong_reports: AtomicU64::new(0),
             last_similarity: AtomicU32::new(0),
             seen_len: OnceLock::new(),
+            analysis: OnceLock::new(),
         });
         if let Some(writer) = &self.writer {
             let record = Box::new(record_of(&entry, embedding.clone()));

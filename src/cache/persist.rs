@@ -78,6 +78,7 @@ impl Cache {
                 wrong_reports: AtomicU64::new(record.wrong_reports),
                 last_similarity: AtomicU32::new(0),
                 seen_len: OnceLock::new(),
+                analysis: OnceLock::new(),
                 prompt: key.prompt,
             });
             if entry.is_expired(now) {
