@@ -1,5 +1,6 @@
 # The commands the README gives. `make run` and `make test` work on a fresh checkout: both fetch
-# the embedding model first when it is missing.
+# the embedding model, its ONNX graphs and ONNX Runtime first (models/fetch does nothing when
+# they are all there).
 
 MODEL_DIR := models/all-MiniLM-L6-v2
 ARGS ?=
@@ -16,9 +17,12 @@ test: model browser-deps
 browser-deps:
 	tests/browser/setup
 
+# Every target with both embedding backends, then with each alone.
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --no-default-features --features candle -- -D warnings
+	cargo clippy --all-targets --no-default-features --features onnx -- -D warnings
 
 # Every bench. `load` starts the release binary against an in-process model and asks the prompts
 # in ../shared/data/sharegpt_first_prompts.jsonl (built-in ones when that file is missing); run
@@ -26,10 +30,8 @@ lint:
 bench: model
 	cargo bench
 
-model: $(MODEL_DIR)/model.safetensors
-
-$(MODEL_DIR)/model.safetensors:
+model:
 	./models/fetch
 
 clean-model:
-	rm -rf $(MODEL_DIR)
+	rm -rf $(MODEL_DIR) models/onnxruntime

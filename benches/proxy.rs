@@ -1,14 +1,15 @@
-//! Latency of one embedding, batches of 8 and 32 (per prompt), 32 concurrent clients through
-//! the dynamic batcher against the same 32 prompts one at a time, an exact and a semantic hit
-//! through HTTP against a bare axum handler returning the same bytes, and a miss against the
-//! same request sent straight to the test model (20 ms): all in one run, so they can be
-//! compared as ratios.
+//! For each embedding backend built in (onnx int8, onnx f32, candle): latency of one
+//! embedding, batches of 8 and 32 (per prompt), 32 concurrent clients through the dynamic
+//! batcher against the same 32 prompts one at a time; then, through HTTP on each backend, an
+//! exact and a semantic hit against a bare axum handler returning the same bytes, and a miss
+//! against the same request sent straight to the test model (20 ms): all in one run, so they
+//! can be compared as ratios.
 //!
-//! `make bench` (or `cargo bench --bench proxy`); needs the model (`make model`).
+//! `make bench` (or `cargo bench --bench proxy`; `-- onnx` or `-- candle` for one backend's
+//! figures); needs the model (`make model`).
 
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::routing::post;
@@ -16,7 +17,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use semcache::config::ServeArgs;
-use semcache::embed::{Batcher, BertEmbedder, Embedder};
+use semcache::embed::{self, Backend, Batcher, Embedder, ModelPaths};
 
 /// 32 distinct short prompts, as support-bot users type them.
 const PROMPTS: [&str; 32] = [
@@ -81,16 +82,24 @@ async fn serve(router: Router) -> SocketAddr {
 }
 
 fn benches(c: &mut Criterion) {
-    let embedder: Arc<dyn Embedder> = Arc::new(
-        BertEmbedder::load(Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/all-MiniLM-L6-v2"
-        )))
-        .expect("the model: run `make model` first"),
-    );
+    let paths = ModelPaths {
+        model_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2").into(),
+        onnxruntime: None,
+    };
+    for backend in <Backend as clap::ValueEnum>::value_variants() {
+        let embedder = embed::load(*backend, &paths).expect("the model: run `make model` first");
+        let name = clap::ValueEnum::to_possible_value(backend)
+            .unwrap()
+            .get_name()
+            .to_owned();
+        bench_backend(c, &name, embedder);
+    }
+}
+
+fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
-    c.bench_function("embed/one_short_prompt", |b| {
+    c.bench_function(&format!("{name}/embed/one_short_prompt"), |b| {
         b.iter(|| {
             embedder
                 .embed(black_box(&["How can I reset my password?"]))
@@ -98,7 +107,7 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let mut batches = c.benchmark_group("embed/batch");
+    let mut batches = c.benchmark_group(format!("{name}/embed/batch"));
     for size in [8, 32] {
         batches.throughput(Throughput::Elements(size as u64));
         batches.bench_function(format!("{size}"), |b| {
@@ -111,7 +120,7 @@ fn benches(c: &mut Criterion) {
     // the same prompts one after another (each alone in its forward pass).
     let workers = std::thread::available_parallelism().map_or(1, usize::from);
     let batcher = runtime.block_on(async { Batcher::new(Arc::clone(&embedder), workers) });
-    let mut clients = c.benchmark_group("embed/clients");
+    let mut clients = c.benchmark_group(format!("{name}/embed/clients"));
     clients.throughput(Throughput::Elements(PROMPTS.len() as u64));
     clients.bench_function("32_one_at_a_time", |b| {
         b.iter(|| {
@@ -135,7 +144,7 @@ fn benches(c: &mut Criterion) {
     });
     clients.finish();
 
-    let data_dir = std::env::temp_dir().join(format!("semcache-bench-{}", std::process::id()));
+    let data_dir = std::env::temp_dir().join(format!("semcache-bench-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data_dir);
     let (semcache, bare, upstream) = runtime.block_on(async {
         // The model answers after a fixed delay, as a real one would (faster, to keep the run short).
@@ -187,9 +196,15 @@ fn benches(c: &mut Criterion) {
     assert_eq!(post(semcache, &stored).as_deref(), Some("hit"));
     assert_eq!(post(semcache, &paraphrase).as_deref(), Some("hit"));
 
-    c.bench_function("http/bare_axum_same_bytes", |b| b.iter(|| post(bare, &stored)));
-    c.bench_function("http/exact_hit", |b| b.iter(|| post(semcache, &stored)));
-    c.bench_function("http/semantic_hit", |b| b.iter(|| post(semcache, &paraphrase)));
+    c.bench_function(&format!("{name}/http/bare_axum_same_bytes"), |b| {
+        b.iter(|| post(bare, &stored))
+    });
+    c.bench_function(&format!("{name}/http/exact_hit"), |b| {
+        b.iter(|| post(semcache, &stored))
+    });
+    c.bench_function(&format!("{name}/http/semantic_hit"), |b| {
+        b.iter(|| post(semcache, &paraphrase))
+    });
 
     // A miss: a prompt never asked before goes through the exact map, the model, the index and
     // the verifier (each order number contrasts with the others'), then to the model, and is
@@ -200,7 +215,7 @@ fn benches(c: &mut Criterion) {
         order += 1;
         request(&format!("What is the status of order {order}?"))
     };
-    let mut misses = c.benchmark_group("http/miss");
+    let mut misses = c.benchmark_group(format!("{name}/http/miss"));
     misses.sample_size(30);
     misses.bench_function("upstream_direct", |b| b.iter(|| post(upstream, &fresh())));
     misses.bench_function("through_semcache", |b| {

@@ -42,16 +42,38 @@ pub enum EvalCommand {
     Intents(EvalIntentsArgs),
 }
 
+/// Which model runs, and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Embedding backend that runs the model.
+    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::DEFAULT)]
+    pub embedder: Backend,
+
+    /// Folder holding the embedding model (config.json, tokenizer files, model.safetensors
+    /// for candle, model_int8.onnx and model.onnx for ONNX Runtime, 1_Pooling/config.json).
+    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
+    pub model_dir: PathBuf,
+
+    /// ONNX Runtime's shared library, for the onnx backends [default: onnxruntime/libonnxruntime.so
+    /// beside the model folder, where `models/fetch` puts it].
+    #[arg(long, env = "SEMCACHE_ONNXRUNTIME")]
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn paths(&self) -> crate::embed::ModelPaths {
+        crate::embed::ModelPaths {
+            model_dir: self.model_dir.clone(),
+            onnxruntime: self.onnxruntime.clone(),
+        }
+    }
+}
+
 /// Options every evaluation takes.
 #[derive(Debug, Clone, Parser)]
 pub struct EvalOptions {
-    /// Embedding backend that runs the model.
-    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::Candle)]
-    pub embedder: Backend,
-
-    /// Folder holding the embedding model.
-    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
-    pub model_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Thresholds to report, FROM:TO:STEP.
     #[arg(long, default_value = "0.70:0.98:0.02", value_parser = crate::eval::Grid::parse)]
@@ -113,13 +135,8 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub verify: bool,
 
-    /// Embedding backend that runs the model.
-    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::Candle)]
-    pub embedder: Backend,
-
-    /// Folder holding the embedding model.
-    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
-    pub model_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Calibrate on this many pairs chosen at random instead of all of them.
     #[arg(long)]
@@ -154,14 +171,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
 
-    /// Embedding backend that runs the model.
-    #[arg(long, env = "SEMCACHE_EMBEDDER", value_enum, default_value_t = Backend::Candle)]
-    pub embedder: Backend,
-
-    /// Folder holding the embedding model (config.json, tokenizer.json, model.safetensors,
-    /// 1_Pooling/config.json).
-    #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
-    pub model_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Cosine similarity at or above which an earlier prompt's answer is served.
     #[arg(long, env = "SEMCACHE_THRESHOLD", default_value_t = 0.82)]
@@ -233,7 +244,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
-    /// Threads running embedding passes (each batches what has queued); 0: one per core.
+    /// Threads running embedding passes (each batches what has queued); 0: as many as the
+    /// backend runs at once (onnx: one pass on every core; candle: one pass per core).
     #[arg(long, env = "SEMCACHE_EMBED_WORKERS", default_value_t = 0)]
     pub embed_workers: usize,
 
@@ -313,10 +325,7 @@ impl ServeArgs {
             max_entries: self.max_entries,
             eviction: self.eviction,
             default_ttl: (self.ttl > 0).then(|| Duration::from_secs(self.ttl)),
-            embed_workers: match self.embed_workers {
-                0 => std::thread::available_parallelism().map_or(1, usize::from),
-                n => n,
-            },
+            embed_workers: self.embed_workers,
         }
     }
 

@@ -127,7 +127,29 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
 fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, SetupError> {
     let started = std::time::Instant::now();
     let store = Store::open(&args.data_dir)?;
-    store.check_embedder(&embedder.model_id())?;
+    let current = embedder.model_id();
+    if let Some(stored) = store.check_embedder(&current)? {
+        // Vectors of two embedders cannot be compared, but the prompts are kept: embed them
+        // again rather than lose the cache (one transaction: interrupted, nothing changes).
+        tracing::warn!(stored = %stored, current = %current, "the store's vectors were made by another embedder: embedding its prompts again");
+        let mut next_report = 0;
+        let embedded = store.reembed(
+            &stored,
+            &current,
+            |texts| embedder.embed(texts).map_err(|err| err.to_string()),
+            |done, total| {
+                if done >= next_report {
+                    tracing::info!("embedding the store's prompts again: {done}/{total}");
+                    next_report = done + total.div_ceil(10);
+                }
+            },
+        )?;
+        tracing::info!(
+            prompts = embedded,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the store's prompts are embedded with {current}"
+        );
+    }
     let mut next_report = 0;
     let loaded = store.load(|done, total| {
         // A progress line every tenth of the way, for large stores.

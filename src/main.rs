@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use semcache::config::{CalibrateArgs, Cli, Command, EvalCommand, EvalOptions, ServeArgs};
-use semcache::embed::{self, Backend, Embedder};
+use semcache::config::{CalibrateArgs, Cli, Command, EvalCommand, EvalOptions, ModelArgs, ServeArgs};
+use semcache::embed::{self, Embedder};
 use semcache::eval;
 use tracing_subscriber::EnvFilter;
 
@@ -25,9 +25,9 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn load_model(backend: Backend, model_dir: &Path) -> anyhow::Result<Arc<dyn Embedder>> {
-    let model_dir = model_dir.to_owned();
-    let embedder = tokio::task::spawn_blocking(move || embed::load(backend, &model_dir))
+async fn load_model(model: &ModelArgs) -> anyhow::Result<Arc<dyn Embedder>> {
+    let (backend, paths) = (model.embedder, model.paths());
+    let embedder = tokio::task::spawn_blocking(move || embed::load(backend, &paths))
         .await?
         .context("loading the embedding model")?;
     Ok(embedder)
@@ -52,7 +52,7 @@ fn plot_or_json(
 
 async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     let pairs = eval::sample(eval::read_pairs(file)?, options.sample, options.seed);
-    let embedder = load_model(options.embedder, &options.model_dir).await?;
+    let embedder = load_model(&options.model).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
     let title = format!("{} ({} pairs)", file.display(), report.pairs);
@@ -76,7 +76,7 @@ async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
 async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     let stored = eval::read_intents(train)?;
     let asked = eval::sample(eval::read_intents(test)?, options.sample, options.seed);
-    let embedder = load_model(options.embedder, &options.model_dir).await?;
+    let embedder = load_model(&options.model).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_intents(&embedder, &stored, &asked, &grid).await?;
     let title = format!("{} stored, {} asked", report.stored, report.asked);
@@ -101,7 +101,7 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         args.max_false_hit_rate
     );
     let pairs = eval::sample(eval::read_pairs(&args.file)?, args.sample, args.seed);
-    let embedder = load_model(args.embedder, &args.model_dir).await?;
+    let embedder = load_model(&args.model).await?;
     let grid = eval::Grid::new(50, 99, 1);
     let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
     let rows = if args.verify {
@@ -135,8 +135,8 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
-    tracing::info!(model_dir = %args.model_dir.display(), "loading the embedding model");
-    let embedder = load_model(args.embedder, &args.model_dir).await?;
+    tracing::info!(model_dir = %args.model.model_dir.display(), "loading the embedding model");
+    let embedder = load_model(&args.model).await?;
     tracing::info!(embedder = %embedder.model_id(), "embedding model loaded");
     let app = semcache::app(&args, embedder)?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -52,7 +52,7 @@ pub struct Config {
     pub eviction: Eviction,
     /// Lifetime of an entry unless its request said otherwise; `None`: no expiry.
     pub default_ttl: Option<Duration>,
-    /// Threads running embedding passes.
+    /// Threads running embedding passes; 0: as many as the embedder runs at once.
     pub embed_workers: usize,
 }
 
@@ -85,7 +85,13 @@ impl Cache {
     /// A cache held in memory only.
     pub fn new(embedder: Arc<dyn Embedder>, config: Config) -> Self {
         Self {
-            batcher: Batcher::new(Arc::clone(&embedder), config.embed_workers),
+            batcher: Batcher::new(
+                Arc::clone(&embedder),
+                match config.embed_workers {
+                    0 => embedder.concurrent_passes(),
+                    n => n,
+                },
+            ),
             embedder,
             index: Index::new(),
             inner: RwLock::default(),

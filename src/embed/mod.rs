@@ -1,15 +1,23 @@
-//! Text embeddings: the `Embedder` trait, the candle BERT backend, and dynamic batching.
+//! Text embeddings: the `Embedder` trait, its two backends (ONNX Runtime through fastembed, and
+//! candle in pure Rust) reading one model folder, and dynamic batching.
 //!
 //! Embedding is CPU-bound. Callers on the async runtime go through a [`Batcher`], whose own
 //! thread runs the forward passes and lets concurrent prompts share them.
 
 mod batch;
+#[cfg(feature = "candle")]
 mod bert;
+mod model;
+#[cfg(feature = "onnx")]
+mod onnx;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use batch::{Batcher, MAX_BATCH, MAX_WAIT};
+#[cfg(feature = "candle")]
 pub use bert::BertEmbedder;
+#[cfg(feature = "onnx")]
+pub use onnx::{default_runtime, OnnxEmbedder, Precision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,9 +26,16 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("model: {0}")]
-    Model(#[from] candle_core::Error),
+    Model(String),
     #[error("embedding task failed: {0}")]
     Task(String),
+}
+
+#[cfg(feature = "candle")]
+impl From<candle_core::Error> for Error {
+    fn from(err: candle_core::Error) -> Self {
+        Error::Model(err.to_string())
+    }
 }
 
 /// Which embedder made a vector: vectors from two embedders cannot be compared, so the store
@@ -58,15 +73,58 @@ impl std::fmt::Display for EmbedderId {
 /// Which embedding backend runs the model (`--embedder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// candle: pure Rust, f32 on the CPU.
+    /// ONNX Runtime with int8 weights: the fastest on a CPU.
+    #[cfg(feature = "onnx")]
+    Onnx,
+    /// ONNX Runtime with the weights as trained (f32).
+    #[cfg(feature = "onnx")]
+    OnnxF32,
+    /// candle: pure Rust, f32.
+    #[cfg(feature = "candle")]
     Candle,
 }
 
-/// Loads the model in `model_dir` with `backend`. Slow (reads and hashes the weights): call it
-/// on a blocking thread.
-pub fn load(backend: Backend, model_dir: &std::path::Path) -> Result<std::sync::Arc<dyn Embedder>, Error> {
+impl Backend {
+    /// The backend used unless one is asked for.
+    #[cfg(feature = "onnx")]
+    pub const DEFAULT: Backend = Backend::Onnx;
+    #[cfg(not(feature = "onnx"))]
+    pub const DEFAULT: Backend = Backend::Candle;
+}
+
+/// Where a backend finds what it loads: the model folder, and ONNX Runtime's library (by
+/// default beside the model folder, where `models/fetch` puts it).
+#[derive(Debug, Clone)]
+pub struct ModelPaths {
+    pub model_dir: std::path::PathBuf,
+    pub onnxruntime: Option<std::path::PathBuf>,
+}
+
+/// Loads the model with `backend`. Slow (reads and hashes the weights): call it on a blocking
+/// thread.
+pub fn load(backend: Backend, paths: &ModelPaths) -> Result<std::sync::Arc<dyn Embedder>, Error> {
+    #[cfg(feature = "onnx")]
+    let runtime = || {
+        paths
+            .onnxruntime
+            .clone()
+            .unwrap_or_else(|| default_runtime(&paths.model_dir))
+    };
     match backend {
-        Backend::Candle => Ok(std::sync::Arc::new(BertEmbedder::load(model_dir)?)),
+        #[cfg(feature = "onnx")]
+        Backend::Onnx => Ok(std::sync::Arc::new(OnnxEmbedder::load(
+            &paths.model_dir,
+            Precision::Int8,
+            &runtime(),
+        )?)),
+        #[cfg(feature = "onnx")]
+        Backend::OnnxF32 => Ok(std::sync::Arc::new(OnnxEmbedder::load(
+            &paths.model_dir,
+            Precision::F32,
+            &runtime(),
+        )?)),
+        #[cfg(feature = "candle")]
+        Backend::Candle => Ok(std::sync::Arc::new(BertEmbedder::load(&paths.model_dir)?)),
     }
 }
 
@@ -85,6 +143,12 @@ pub trait Embedder: Send + Sync {
     /// its window ends. Two texts that differ only past that point get the same vector, so the
     /// verifier needs this to be right: every backend must say.
     fn seen_len(&self, text: &str) -> Option<usize>;
+
+    /// How many passes are worth running at once: the batcher's workers unless
+    /// `--embed-workers` says otherwise. By default one per core, each pass on its own core.
+    fn concurrent_passes(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    }
 }
 
 /// Cosine similarity of two L2-normalised vectors.

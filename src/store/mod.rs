@@ -111,13 +111,15 @@ pub enum Error {
     Unversioned { path: PathBuf },
     #[error(
         "the store at {path} holds vectors made by {stored}; this semcache embeds with {current}, \
-         and similarities between the two mean nothing. Start with the embedder that wrote it \
-         (--embedder, --model-dir), or move the data directory away to start empty"
+         and re-embedding its prompts failed: {message}. The store is unchanged: start with the \
+         embedder that wrote it (--embedder, --model-dir), or move the data directory away to \
+         start empty"
     )]
     OtherEmbedder {
         path: PathBuf,
         stored: Box<EmbedderId>,
         current: Box<EmbedderId>,
+        message: String,
     },
     #[error("store: {0}")]
     Db(String),
@@ -125,6 +127,19 @@ pub enum Error {
     Decode { id: u64, message: String },
     #[error("the store writer has stopped")]
     WriterGone,
+}
+
+fn record_embedder(table: &mut redb::Table<&str, &str>, id: &EmbedderId) -> Result<(), Error> {
+    let dimensions = id.dimensions.to_string();
+    for (name, value) in [
+        ("model", id.model.as_str()),
+        ("backend", id.backend.as_str()),
+        ("dimensions", dimensions.as_str()),
+        ("weights", id.weights.as_str()),
+    ] {
+        table.insert(name, value).map_err(db_error)?;
+    }
+    Ok(())
 }
 
 fn db_error(err: impl std::fmt::Display) -> Error {
@@ -244,9 +259,11 @@ impl Store {
     /// Refuses a store whose vectors another embedder made; records `current` in a store that
     /// names none yet (a new one, or one written before embedders were recorded, when only
     /// one embedder existed).
-    pub fn check_embedder(&self, current: &EmbedderId) -> Result<(), Error> {
+    /// The embedder that made the store's vectors, when it is not `current` (whose vectors
+    /// cannot be compared with them); a store without one records `current`.
+    pub fn check_embedder(&self, current: &EmbedderId) -> Result<Option<EmbedderId>, Error> {
         let txn = self.db.begin_write().map_err(db_error)?;
-        {
+        let other = {
             let mut table = txn.open_table(EMBEDDER).map_err(db_error)?;
             let field = |name: &str| -> Result<Option<String>, Error> {
                 Ok(table.get(name).map_err(db_error)?.map(|v| v.value().to_owned()))
@@ -266,28 +283,72 @@ impl Store {
                 _ => None,
             };
             match stored {
-                Some(stored) if stored.same_vectors(current) => {}
-                Some(stored) => {
-                    return Err(Error::OtherEmbedder {
-                        path: self.path.clone(),
-                        stored: Box::new(stored),
-                        current: Box::new(current.clone()),
-                    })
-                }
+                Some(stored) if stored.same_vectors(current) => None,
+                Some(stored) => Some(stored),
                 None => {
-                    let dimensions = current.dimensions.to_string();
-                    for (name, value) in [
-                        ("model", current.model.as_str()),
-                        ("backend", current.backend.as_str()),
-                        ("dimensions", dimensions.as_str()),
-                        ("weights", current.weights.as_str()),
-                    ] {
-                        table.insert(name, value).map_err(db_error)?;
-                    }
+                    record_embedder(&mut table, current)?;
+                    None
                 }
             }
+        };
+        txn.commit().map_err(db_error)?;
+        Ok(other)
+    }
+
+    /// Gives every stored prompt that has a vector a new one from `embed` (in passes of up to
+    /// 32 prompts), and records `current` as the store's embedder, all in one transaction:
+    /// interrupted, the store keeps its old vectors and embedder. Calls `progress(done, total)`
+    /// after each pass; returns the number of prompts embedded.
+    pub fn reembed(
+        &self,
+        stored: &EmbedderId,
+        current: &EmbedderId,
+        mut embed: impl FnMut(&[&str]) -> Result<Vec<Vec<f32>>, String>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<usize, Error> {
+        let failed = |message: String| Error::OtherEmbedder {
+            path: self.path.clone(),
+            stored: Box::new(stored.clone()),
+            current: Box::new(current.clone()),
+            message,
+        };
+        let txn = self.db.begin_write().map_err(db_error)?;
+        let mut done = 0;
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(db_error)?;
+            let mut records = Vec::new();
+            for row in entries.iter().map_err(db_error)? {
+                let (id, bytes) = row.map_err(db_error)?;
+                let id = id.value();
+                let record =
+                    Record::decode(bytes.value()).map_err(|message| Error::Decode { id, message })?;
+                if record.embedding.is_some() {
+                    records.push(record);
+                }
+            }
+            let total = records.len();
+            for pass in records.chunks_mut(32) {
+                let prompts: Vec<&str> = pass.iter().map(|record| record.prompt.as_str()).collect();
+                let vectors = embed(&prompts).map_err(failed)?;
+                if vectors.len() != pass.len() || vectors.iter().any(|v| v.len() != current.dimensions) {
+                    return Err(failed(
+                        "the embedder returned vectors of the wrong number or size".to_owned(),
+                    ));
+                }
+                for (record, vector) in pass.iter_mut().zip(vectors) {
+                    record.embedding = Some(vector);
+                    entries
+                        .insert(record.id, record.encode().as_slice())
+                        .map_err(db_error)?;
+                }
+                done += pass.len();
+                progress(done, total);
+            }
+            let mut table = txn.open_table(EMBEDDER).map_err(db_error)?;
+            record_embedder(&mut table, current)?;
         }
-        txn.commit().map_err(db_error)
+        txn.commit().map_err(db_error)?;
+        Ok(done)
     }
 
     pub fn identity(&self) -> FileIdentity {
@@ -391,25 +452,67 @@ mod tests {
     }
 
     #[test]
-    fn a_store_written_by_another_embedder_is_refused() {
+    fn a_store_written_by_another_embedder_is_named_and_re_embedded() {
         let dir = temp_dir("embedder");
         {
             let store = Store::open(&dir).unwrap();
-            store.check_embedder(&embedder("aaaa")).unwrap();
+            assert_eq!(store.check_embedder(&embedder("aaaa")).unwrap(), None);
+            let mut record = Record::sample(1);
+            record.embedding = Some(vec![1.0, 0.0]);
+            let mut exact_only = Record::sample(2);
+            exact_only.embedding = None;
+            store
+                .apply(&[Op::Put(Box::new(record)), Op::Put(Box::new(exact_only))])
+                .unwrap();
         }
         let store = Store::open(&dir).unwrap();
-        store.check_embedder(&embedder("aaaa")).unwrap();
+        assert_eq!(store.check_embedder(&embedder("aaaa")).unwrap(), None);
         let mut renamed = embedder("aaaa");
         renamed.model = "minilm".into();
-        store.check_embedder(&renamed).unwrap();
-        let err = store.check_embedder(&embedder("bbbb")).unwrap_err().to_string();
+        assert_eq!(store.check_embedder(&renamed).unwrap(), None);
+        let mut other_backend = embedder("aaaa");
+        other_backend.backend = "onnxruntime int8 mean-pooled".into();
+        assert_eq!(
+            store.check_embedder(&other_backend).unwrap(),
+            Some(embedder("aaaa"))
+        );
+        let (stored, mut current) = (embedder("aaaa"), embedder("bbbb"));
+        assert_eq!(store.check_embedder(&current).unwrap(), Some(stored.clone()));
+
+        // A failing embedder leaves everything as it was, and the message names both.
+        let err = store
+            .reembed(&stored, &current, |_| Err("out of memory".into()), |_, _| {})
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("weights aaaa") && err.contains("weights bbbb"),
+            err.contains("weights aaaa") && err.contains("weights bbbb") && err.contains("out of memory"),
             "{err}"
         );
-        let mut other_backend = embedder("aaaa");
-        other_backend.backend = "onnx int8".into();
-        assert!(store.check_embedder(&other_backend).is_err());
+        assert_eq!(store.check_embedder(&current).unwrap(), Some(stored.clone()));
+
+        current.dimensions = 2;
+        let mut progress = Vec::new();
+        let embedded = store
+            .reembed(
+                &stored,
+                &current,
+                |texts| Ok(texts.iter().map(|_| vec![0.0, 1.0]).collect()),
+                |done, total| progress.push((done, total)),
+            )
+            .unwrap();
+        assert_eq!(
+            (embedded, progress),
+            (1, vec![(1, 1)]),
+            "only prompts with a vector"
+        );
+        assert_eq!(store.check_embedder(&current).unwrap(), None);
+        let loaded = store.load(|_, _| {}).unwrap();
+        let vectors: Vec<_> = loaded
+            .records
+            .iter()
+            .map(|(record, range)| (record.id, range.clone().map(|r| loaded.vectors[r].to_vec())))
+            .collect();
+        assert_eq!(vectors, vec![(1, Some(vec![0.0, 1.0])), (2, None)]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

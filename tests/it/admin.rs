@@ -234,7 +234,7 @@ async fn operator_routes_need_the_token_or_loopback() {
     let data_dirs = crate::support::RemovedOnDrop(crate::support::fresh_data_dir());
     let build = |token: Option<&str>| {
         let mut args = semcache::config::ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
-        args.model_dir = model_dir();
+        args.model.model_dir = model_dir();
         args.data_dir = data_dirs.0.join(if token.is_some() { "guarded" } else { "open" });
         args.admin_token = token.map(str::to_owned);
         semcache::app(&args, embedder()).unwrap().router

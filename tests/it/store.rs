@@ -291,10 +291,12 @@ async fn a_full_disk_costs_durability_not_answers_and_the_store_recovers() {
     restarted.stop().await;
 }
 
-/// The real model's vectors under other weights: what a store would hold after a model change.
-struct RetrainedModel;
+/// An embedder that fails every embedding, under another identity: a backend that cannot run.
+#[cfg(all(feature = "onnx", feature = "candle"))]
+struct BrokenModel;
 
-impl semcache::embed::Embedder for RetrainedModel {
+#[cfg(all(feature = "onnx", feature = "candle"))]
+impl semcache::embed::Embedder for BrokenModel {
     fn model_id(&self) -> semcache::embed::EmbedderId {
         let mut id = crate::support::embedder().model_id();
         id.weights = "0123456789abcdef".repeat(4);
@@ -309,17 +311,25 @@ impl semcache::embed::Embedder for RetrainedModel {
         crate::support::embedder().dimensions()
     }
 
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, semcache::embed::Error> {
-        crate::support::embedder().embed(texts)
+    fn embed(&self, _texts: &[&str]) -> Result<Vec<Vec<f32>>, semcache::embed::Error> {
+        Err(semcache::embed::Error::Task("the model is broken".into()))
     }
 }
 
+/// A data directory written by one backend (candle) opened with another (onnx): the prompts
+/// are embedded again at start, so the cache keeps serving paraphrases; an embedder that
+/// cannot do it is refused with a message that names both, and the store is left as it was.
+#[cfg(all(feature = "onnx", feature = "candle"))]
 #[tokio::test]
-async fn a_store_written_by_another_embedder_is_refused_at_start() {
+async fn a_store_written_by_another_embedder_is_re_embedded_at_start() {
+    use semcache::embed::Backend;
+
     let upstream = TestUpstream::start().await;
     let data_dir = fresh_data_dir();
     let _removed = crate::support::RemovedOnDrop(data_dir.clone());
-    let semcache = Semcache::start_with(&upstream, |args| args.data_dir = data_dir.clone()).await;
+    let in_dir = |args: &mut semcache::config::ServeArgs| args.data_dir = data_dir.clone();
+    let candle = crate::support::embedder_on(Backend::Candle);
+    let semcache = Semcache::start_with_embedder(&upstream, candle.clone(), in_dir).await;
     semcache.chat(&chat_body("How do I reset my password?")).await;
     let first_id = semcache
         .chat(&chat_body("What is the capital of Australia?"))
@@ -336,19 +346,24 @@ async fn a_store_written_by_another_embedder_is_refused_at_start() {
         &upstream.base_url(),
     ]);
     args.data_dir = data_dir.clone();
-    let refused = semcache::app(&args, std::sync::Arc::new(RetrainedModel))
+    let refused = semcache::app(&args, std::sync::Arc::new(BrokenModel))
         .err()
         .expect("refused");
     let message = refused.to_string();
-    let current = crate::support::embedder().model_id();
     assert!(
-        message.contains(&current.weights[..12]),
+        message.contains(&candle.model_id().weights[..12]),
         "names the store's embedder: {message}"
     );
     assert!(message.contains("0123456789ab"), "names the new one: {message}");
+    assert!(message.contains("the model is broken"), "says why: {message}");
 
-    // The embedder that wrote it still opens it, and new ids do not take old ones.
-    let restarted = Semcache::start_with(&upstream, |args| args.data_dir = data_dir.clone()).await;
+    let onnx = crate::support::embedder_on(Backend::Onnx);
+    assert!(!onnx.model_id().same_vectors(&candle.model_id()));
+    let restarted = Semcache::start_with_embedder(&upstream, onnx.clone(), in_dir).await;
+    let calls = upstream.chat_calls();
+    let paraphrase = restarted.chat(&chat_body("How can I reset my password?")).await;
+    assert_eq!(paraphrase.cache(), "hit", "the stored prompt was embedded again");
+    assert_eq!(upstream.chat_calls(), calls);
     let new_id = restarted
         .chat(&chat_body("Tell me a fact about octopuses."))
         .await
@@ -359,4 +374,16 @@ async fn a_store_written_by_another_embedder_is_refused_at_start() {
     assert_ne!(new_id, first_id);
     assert!(new_id < 1 << 53, "ids stay exact in JavaScript");
     assert_eq!(restarted.get_json("/stats").await["entries"], 3);
+    restarted.stop().await;
+
+    // The store now records the new embedder: the old one is the other one.
+    let store = semcache::store::Store::open(&data_dir).unwrap();
+    assert_eq!(store.check_embedder(&onnx.model_id()).unwrap(), None);
+    assert_eq!(
+        store
+            .check_embedder(&candle.model_id())
+            .unwrap()
+            .map(|id| id.backend),
+        Some(onnx.model_id().backend)
+    );
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -17,7 +17,7 @@ use clap::Parser;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use semcache::config::ServeArgs;
-use semcache::embed::{BertEmbedder, Embedder};
+use semcache::embed::{self, Backend, Embedder, ModelPaths};
 use semcache::settings::SharedSettings;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -222,14 +222,29 @@ pub fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
 }
 
-/// The real model, loaded once per test run.
+pub fn model_paths() -> ModelPaths {
+    ModelPaths {
+        model_dir: model_dir(),
+        onnxruntime: None,
+    }
+}
+
+/// The real model on `backend`, loaded once per test run.
+pub fn embedder_on(backend: Backend) -> Arc<dyn Embedder> {
+    static EMBEDDERS: Mutex<Vec<(Backend, Arc<dyn Embedder>)>> = Mutex::new(Vec::new());
+    let mut loaded = EMBEDDERS.lock();
+    if let Some((_, embedder)) = loaded.iter().find(|(b, _)| *b == backend) {
+        return Arc::clone(embedder);
+    }
+    let embedder = embed::load(backend, &model_paths())
+        .unwrap_or_else(|err| panic!("{err}\nThe tests need the real model: run `make model` first."));
+    loaded.push((backend, Arc::clone(&embedder)));
+    embedder
+}
+
+/// The real model on the default backend, loaded once per test run.
 pub fn embedder() -> Arc<dyn Embedder> {
-    static EMBEDDER: OnceLock<Arc<dyn Embedder>> = OnceLock::new();
-    Arc::clone(EMBEDDER.get_or_init(|| {
-        let embedder = BertEmbedder::load(&model_dir())
-            .unwrap_or_else(|err| panic!("{err}\nThe tests need the real model: run `make model` first."));
-        Arc::new(embedder)
-    }))
+    embedder_on(Backend::DEFAULT)
 }
 
 /// A data directory of its own for each semcache a test starts.
@@ -281,7 +296,7 @@ impl Semcache {
         configure: impl FnOnce(&mut ServeArgs),
     ) -> Self {
         let mut args = ServeArgs::parse_from(["serve", "--upstream", &upstream.base_url()]);
-        args.model_dir = model_dir();
+        args.model.model_dir = model_dir();
         let own_dir = fresh_data_dir();
         args.data_dir = own_dir.clone();
         configure(&mut args);
