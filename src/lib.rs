@@ -132,17 +132,17 @@ fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, Se
         // Vectors of two embedders cannot be compared, but the prompts are kept: embed them
         // again rather than lose the cache (one transaction: interrupted, nothing changes).
         tracing::warn!(stored = %stored, current = %current, "the store's vectors were made by another embedder: embedding its prompts again");
-        let mut next_report = 0;
         let embedded = store.reembed(
             &stored,
             &current,
-            |texts| embedder.embed(texts).map_err(|err| err.to_string()),
-            |done, total| {
-                if done >= next_report {
-                    tracing::info!("embedding the store's prompts again: {done}/{total}");
-                    next_report = done + total.div_ceil(10);
-                }
+            |texts| {
+                let vectors = embedder.embed(texts).map_err(|err| err.to_string())?;
+                vectors
+                    .into_iter()
+                    .map(|vector| embed::usable(vector, current.dimensions).map_err(|err| err.to_string()))
+                    .collect()
             },
+            every_tenth("embedding the store's prompts again", "prompts", 0),
         )?;
         tracing::info!(
             prompts = embedded,
@@ -150,14 +150,7 @@ fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, Se
             "the store's prompts are embedded with {current}"
         );
     }
-    let mut next_report = 0;
-    let loaded = store.load(|done, total| {
-        // A progress line every tenth of the way, for large stores.
-        if total >= 10_000 && done >= next_report {
-            tracing::info!("loading the store: {done}/{total} entries");
-            next_report = done + total / 10;
-        }
-    })?;
+    let loaded = store.load(every_tenth("loading the store", "entries", 10_000))?;
     let loaded_records = loaded.records.len();
     let writer = Writer::start(
         store,
@@ -173,6 +166,18 @@ fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, Se
         "store opened"
     );
     Ok(cache)
+}
+
+/// A progress callback, `(done, total)`, that logs a line every tenth of the way when there
+/// are at least `least` items.
+fn every_tenth(what: &'static str, items: &'static str, least: usize) -> impl FnMut(usize, usize) {
+    let mut next_report = 0;
+    move |done, total| {
+        if total >= least && done >= next_report {
+            tracing::info!("{what}: {done}/{total} {items}");
+            next_report = done + total.div_ceil(10);
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then finishes in-flight requests.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Embedder, Error};
+use super::{usable, Embedder, Error};
 
 /// Most prompts in one forward pass. Past 8 to 16 short prompts a pass costs no less per
 /// prompt, and a larger pass only makes its first prompt wait longer.
@@ -162,23 +162,6 @@ fn embed_group(embedder: &dyn Embedder, group: Vec<Job>) {
             }
         }
     }
-}
-
-/// A vector the index can take: the model's dimensions, and no NaN or infinity (which a model
-/// run in the wrong precision produces, and which would make every comparison with it false).
-fn usable(vector: Vec<f32>, dimensions: usize) -> Result<Vec<f32>, Error> {
-    if vector.len() != dimensions {
-        return Err(Error::Task(format!(
-            "the model returned {} dimensions instead of {dimensions}",
-            vector.len()
-        )));
-    }
-    if !vector.iter().all(|x| x.is_finite()) {
-        return Err(Error::Task(
-            "the model returned a vector that is not finite".to_owned(),
-        ));
-    }
-    Ok(vector)
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ impl From<candle_core::Error> for Error {
 }
 
 /// Which embedder made a vector: vectors from two embedders cannot be compared, so the store
-/// records this and refuses, at start, a store written by another.
+/// records this, and a store written by another is embedded again at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmbedderId {
     /// The model's name, for people (the folder it was loaded from); not compared.
@@ -104,25 +104,22 @@ pub struct ModelPaths {
 /// thread.
 pub fn load(backend: Backend, paths: &ModelPaths) -> Result<std::sync::Arc<dyn Embedder>, Error> {
     #[cfg(feature = "onnx")]
-    let runtime = || {
-        paths
+    let onnx = |precision| -> Result<std::sync::Arc<dyn Embedder>, Error> {
+        let runtime = paths
             .onnxruntime
             .clone()
-            .unwrap_or_else(|| default_runtime(&paths.model_dir))
+            .unwrap_or_else(|| default_runtime(&paths.model_dir));
+        Ok(std::sync::Arc::new(OnnxEmbedder::load(
+            &paths.model_dir,
+            precision,
+            &runtime,
+        )?))
     };
     match backend {
         #[cfg(feature = "onnx")]
-        Backend::Onnx => Ok(std::sync::Arc::new(OnnxEmbedder::load(
-            &paths.model_dir,
-            Precision::Int8,
-            &runtime(),
-        )?)),
+        Backend::Onnx => onnx(Precision::Int8),
         #[cfg(feature = "onnx")]
-        Backend::OnnxF32 => Ok(std::sync::Arc::new(OnnxEmbedder::load(
-            &paths.model_dir,
-            Precision::F32,
-            &runtime(),
-        )?)),
+        Backend::OnnxF32 => onnx(Precision::F32),
         #[cfg(feature = "candle")]
         Backend::Candle => Ok(std::sync::Arc::new(BertEmbedder::load(&paths.model_dir)?)),
     }
@@ -149,6 +146,25 @@ pub trait Embedder: Send + Sync {
     fn concurrent_passes(&self) -> usize {
         std::thread::available_parallelism().map_or(1, usize::from)
     }
+}
+
+/// A vector the index can take: the model's dimensions, and no NaN or infinity (which a model
+/// run in the wrong precision produces, and which would make every comparison with it false).
+/// Every vector that enters the cache passes here: from the batcher, and when a store is
+/// embedded again at start.
+pub fn usable(vector: Vec<f32>, dimensions: usize) -> Result<Vec<f32>, Error> {
+    if vector.len() != dimensions {
+        return Err(Error::Task(format!(
+            "the model returned {} dimensions instead of {dimensions}",
+            vector.len()
+        )));
+    }
+    if !vector.iter().all(|x| x.is_finite()) {
+        return Err(Error::Task(
+            "the model returned a vector that is not finite".to_owned(),
+        ));
+    }
+    Ok(vector)
 }
 
 /// Cosine similarity of two L2-normalised vectors.

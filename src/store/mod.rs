@@ -296,7 +296,7 @@ impl Store {
     }
 
     /// Gives every stored prompt that has a vector a new one from `embed` (in passes of up to
-    /// 32 prompts), and records `current` as the store's embedder, all in one transaction:
+    /// 32 prompts; `embed` checks each vector, as `embed::usable` does), and records `current` as the store's embedder, all in one transaction:
     /// interrupted, the store keeps its old vectors and embedder. Calls `progress(done, total)`
     /// after each pass; returns the number of prompts embedded.
     pub fn reembed(
@@ -330,10 +330,12 @@ impl Store {
             for pass in records.chunks_mut(32) {
                 let prompts: Vec<&str> = pass.iter().map(|record| record.prompt.as_str()).collect();
                 let vectors = embed(&prompts).map_err(failed)?;
-                if vectors.len() != pass.len() || vectors.iter().any(|v| v.len() != current.dimensions) {
-                    return Err(failed(
-                        "the embedder returned vectors of the wrong number or size".to_owned(),
-                    ));
+                if vectors.len() != pass.len() {
+                    return Err(failed(format!(
+                        "the embedder returned {} vectors for {} prompts",
+                        vectors.len(),
+                        pass.len()
+                    )));
                 }
                 for (record, vector) in pass.iter_mut().zip(vectors) {
                     record.embedding = Some(vector);
