@@ -5,17 +5,21 @@
 MODEL_DIR := models/all-MiniLM-L6-v2
 ARGS ?=
 
-.PHONY: run test lint bench model clean-model browser-deps
+.PHONY: run test lint bench model clean-model browser-deps redis-deps
 
 run: model
 	cargo run --release -- serve $(ARGS)
 
-test: model browser-deps
+test: model browser-deps redis-deps
 	cargo test --all-targets
 
 # Debian's Chromium and playwright-core, for the dashboard's browser test.
 browser-deps:
 	tests/browser/setup
+
+# Debian's redis-server, for the multi-node tests (they start their own servers).
+redis-deps:
+	tests/redis/setup
 
 # Every target with both embedding backends, then with each alone.
 lint:
@@ -27,7 +31,7 @@ lint:
 # Every bench. `load` starts the release binary against an in-process model and asks the prompts
 # in ../shared/data/sharegpt_first_prompts.jsonl (built-in ones when that file is missing); run
 # one bench alone with `cargo bench --bench load -- --help`.
-bench: model
+bench: model redis-deps
 	cargo bench
 
 model:

@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the caching proxy.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure answer quality on labelled data, through the server's own lookup.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -182,9 +182,26 @@ pub struct ServeArgs {
     #[arg(long, env = "SEMCACHE_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub verify: bool,
 
-    /// Folder for the cache's durable data.
+    /// Folder for the cache's durable data (the embedded store and saved settings), unless
+    /// --store names a shared one.
     #[arg(long, env = "SEMCACHE_DATA_DIR", default_value = "./semcache-data")]
     pub data_dir: PathBuf,
+
+    /// A store shared by several nodes: `redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` for TLS (Redis or Valkey 7, standalone, no modules). Without it, entries are
+    /// kept in the data directory.
+    #[arg(long, env = "SEMCACHE_STORE", hide_env_values = true)]
+    pub store: Option<String>,
+
+    /// With --store: the name under which this cache's keys are kept, so that several caches
+    /// can share one Redis.
+    #[arg(long, env = "SEMCACHE_NAMESPACE", default_value = "semcache")]
+    pub namespace: String,
+
+    /// With --store: how long one node's upstream call holds off identical requests on the
+    /// other nodes, in milliseconds; they make their own call after it.
+    #[arg(long, env = "SEMCACHE_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
 
     /// Whether cached answers are partitioned per client key (tenant) or shared by everyone.
     #[arg(long, env = "SEMCACHE_SCOPE", value_enum, default_value_t = Scope::Tenant)]
@@ -303,6 +320,32 @@ impl ServeArgs {
         if self.admin_token.as_deref().is_some_and(|token| token.len() < 16) {
             return Err("--admin-token must be at least 16 characters".to_owned());
         }
+        if let Some(store) = &self.store {
+            if !(store.starts_with("redis://") || store.starts_with("rediss://")) {
+                // Not shown: it may hold a password.
+                return Err("--store must be a redis:// or rediss:// URL".to_owned());
+            }
+            if redis::Client::open(store.as_str()).is_err() {
+                return Err(format!(
+                    "--store is not a valid Redis URL: {}",
+                    crate::store::redis::redacted(store)
+                ));
+            }
+        }
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "--namespace must be letters, digits, '-', '_' or '.', got {:?}",
+                self.namespace
+            ));
+        }
+        if self.lease_ms == 0 {
+            return Err("--lease-ms must be positive".to_owned());
+        }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be positive".to_owned());
         }
@@ -327,6 +370,18 @@ impl ServeArgs {
             default_ttl: (self.ttl > 0).then(|| Duration::from_secs(self.ttl)),
             embed_workers: self.embed_workers,
         }
+    }
+
+    /// The shared store's settings, when --store names one.
+    pub fn redis_config(&self) -> Option<crate::store::redis::RedisConfig> {
+        Some(crate::store::redis::RedisConfig {
+            url: self.store.clone()?,
+            namespace: self.namespace.clone(),
+            max_entries: self.max_entries,
+            eviction: self.eviction,
+            strict: self.durability == Durability::Strict,
+            lease: Duration::from_millis(self.lease_ms),
+        })
     }
 
     pub fn body_limits(&self) -> crate::http::BodyLimits {

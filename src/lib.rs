@@ -73,7 +73,14 @@ pub enum SetupError {
 
 /// Builds the service from its configuration and an embedder.
 pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupError> {
-    let settings_store = SettingsStore::new(&args.data_dir);
+    let shared = args
+        .redis_config()
+        .map(crate::store::redis::RedisStore::new)
+        .transpose()?;
+    let settings_store = match &shared {
+        Some(store) => SettingsStore::shared(Arc::clone(store)),
+        None => SettingsStore::new(&args.data_dir),
+    };
     let settings = match settings_store.load()? {
         Some(saved) => {
             tracing::info!(
@@ -91,13 +98,23 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         Some(path) => PriceTable::with_file(path).map_err(SetupError::Prices)?,
         None => PriceTable::default(),
     };
-    let cache = Arc::new(open_cache(args, embedder)?);
+    let current = embedder.model_id();
+    let cache = Arc::new(match &shared {
+        Some(store) => Cache::with_shared_store(embedder, args.cache_config(), Arc::clone(store)),
+        None => open_cache(args, embedder)?,
+    });
+    let settings = settings::shared(settings);
+    if let Some(store) = &shared {
+        // Loads in the background: until it has, requests go through as a plain proxy.
+        tracing::info!(store = %crate::store::redis::redacted(&store.config().url), namespace = %args.namespace, "using a shared store");
+        store.follow(Arc::downgrade(&cache), settings.clone(), current);
+    }
     let stats = Arc::new(Stats::new(prices));
     let state = http::AppState {
         service: Arc::new(cache::Service::new(Arc::clone(&cache), Arc::clone(&stats))),
         cache,
         upstream: Arc::new(upstream::Upstream::new(args.upstream_config())?),
-        settings: settings::shared(settings),
+        settings,
         settings_store,
         stats,
         scope: args.scope,
@@ -180,6 +197,37 @@ fn every_tenth(what: &'static str, items: &'static str, least: usize) -> impl Fn
     }
 }
 
+/// How often a node adds its figures to the cluster's.
+const CLUSTER_FIGURES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Adds what this node counted since the last push to the figures kept for the whole cluster.
+async fn push_cluster_figures(
+    shared: &store::redis::RedisStore,
+    stats: &Stats,
+    pushed: &parking_lot::Mutex<[f64; 4]>,
+) {
+    let snapshot = stats.snapshot();
+    let now = [
+        snapshot.requests as f64,
+        snapshot.hits as f64,
+        snapshot.tokens_saved() as f64,
+        snapshot.cost_saved_usd,
+    ];
+    let before = *pushed.lock();
+    let names = ["requests", "hits", "tokens_saved", "cost_saved_usd"];
+    let deltas: Vec<(&str, f64)> = names
+        .iter()
+        .zip(now.iter().zip(before))
+        .map(|(name, (now, before))| (*name, now - before))
+        .collect();
+    if deltas.iter().all(|(_, delta)| *delta == 0.0) {
+        return;
+    }
+    if shared.add_cluster_figures(&deltas).await.is_ok() {
+        *pushed.lock() = now;
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then finishes in-flight requests.
 pub async fn run(
     app: App,
@@ -194,6 +242,17 @@ pub async fn run(
             interval.tick().await;
             stats.tick();
         }
+    });
+    // Each node adds its figures to the cluster's, every second and once more at the end.
+    let pushed = Arc::new(parking_lot::Mutex::new([0.0; 4]));
+    let pusher = app.cache.shared().map(|shared| {
+        let (shared, stats, pushed) = (Arc::clone(shared), Arc::clone(&app.stats), Arc::clone(&pushed));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CLUSTER_FIGURES_INTERVAL).await;
+                push_cluster_figures(&shared, &stats, &pushed).await;
+            }
+        })
     });
     let cache = Arc::clone(&app.cache);
     let upkeep = tokio::spawn(async move {
@@ -228,6 +287,12 @@ pub async fn run(
     }
     ticker.abort();
     upkeep.abort();
+    if let Some(pusher) = pusher {
+        pusher.abort();
+    }
+    if let Some(shared) = app.cache.shared() {
+        push_cluster_figures(shared, &app.stats, &pushed).await;
+    }
     if let Err(err) = app.cache.close_store().await {
         tracing::error!(error = %err, "could not close the store at shutdown");
     }

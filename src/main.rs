@@ -16,7 +16,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stdout().is_terminal())
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Eval(EvalCommand::Pairs(args)) => eval_pairs(&args.file, &args.options).await,
         Command::Eval(EvalCommand::Intents(args)) => {
             eval_intents(&args.train, &args.test, &args.options).await

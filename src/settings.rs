@@ -40,29 +40,74 @@ fn default_verify() -> bool {
 const FILE_VERSION: u32 = 1;
 const FILE_NAME: &str = "settings.json";
 
+/// The settings as the shared store keeps them (the same versioned form as the file).
+pub fn to_json(settings: &Settings) -> String {
+    serde_json::to_string(&SettingsFile {
+        version: FILE_VERSION,
+        threshold: settings.threshold,
+        verify: settings.verify,
+    })
+    .expect("settings serialise")
+}
+
+/// Settings kept by [`to_json`]; `None` for anything this build cannot read.
+pub fn from_json(json: &str) -> Option<Settings> {
+    let file: SettingsFile = serde_json::from_str(json).ok()?;
+    (file.version == FILE_VERSION && (0.0..=1.0).contains(&file.threshold)).then_some(Settings {
+        threshold: file.threshold,
+        verify: file.verify,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
+    #[error("saving the settings in the shared store: {0}")]
+    Shared(String),
 }
 
-/// Where settings changed at run time are kept.
-#[derive(Debug, Clone)]
+/// Where settings changed at run time are kept: the data directory, or the store shared by
+/// several nodes (every node applies a change from its log, and reads them at start).
+#[derive(Clone)]
 pub struct SettingsStore {
     path: PathBuf,
+    shared: Option<Arc<crate::store::redis::RedisStore>>,
 }
 
 impl SettingsStore {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             path: data_dir.join(FILE_NAME),
+            shared: None,
         }
     }
 
-    /// The saved settings, if any were saved.
+    pub fn shared(store: Arc<crate::store::redis::RedisStore>) -> Self {
+        Self {
+            path: PathBuf::new(),
+            shared: Some(store),
+        }
+    }
+
+    /// Keeps the settings where they outlive the process, for every node when shared.
+    pub async fn keep(&self, settings: &Settings) -> Result<(), Error> {
+        match &self.shared {
+            Some(store) => store
+                .save_settings(settings)
+                .await
+                .map_err(|err| Error::Shared(err.to_string())),
+            None => self.save(settings),
+        }
+    }
+
+    /// The saved settings, if any were saved (those of a shared store come with its load).
     pub fn load(&self) -> Result<Option<Settings>, Error> {
+        if self.shared.is_some() {
+            return Ok(None);
+        }
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),

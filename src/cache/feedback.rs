@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Cache;
+use crate::store::{Counts, Op};
 
 /// Wrong-answer reports after which an entry is evicted.
 const WRONG_REPORTS_TO_EVICT: u64 = 3;
@@ -38,8 +39,16 @@ impl Cache {
         }
         let raised = (served_at + 0.005).min(1.0).max(entry.own_threshold());
         entry.own_threshold.store(raised.to_bits(), Ordering::Relaxed);
-        // Saved with the hit counts at the next upkeep.
-        entry.counts_changed.store(true, Ordering::Relaxed);
+        // Saved at once (every node applies it from a shared store); `flush_store` waits.
+        self.persist(Op::Touch {
+            id: entry_id,
+            counts: Counts {
+                hits: entry.hits(),
+                last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
+                own_threshold: raised,
+                wrong_reports: reports,
+            },
+        });
         Some(Feedback::Raised(raised))
     }
 }

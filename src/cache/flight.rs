@@ -44,6 +44,11 @@ impl Flights {
 }
 
 impl Flights {
+    /// A request that waited for another node's call instead of making its own.
+    pub(super) fn count_follower(&self) {
+        self.followers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(super) fn followers(&self) -> u64 {
         self.followers.load(std::sync::atomic::Ordering::Relaxed)
     }

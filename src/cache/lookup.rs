@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{Cache, Entry, RequestKey};
+use super::{Cache, Entry, Error, RequestKey};
 use crate::embed;
+use crate::store::EntryStore;
 use crate::verify::{self, Rejection};
 
 /// Candidates above the threshold considered by a semantic lookup, most similar first: an
@@ -93,17 +94,71 @@ impl Cache {
     }
 
     /// Exact lookup, then a search by meaning among the entries of the same tenant and context.
-    /// Embedding runs on a batching thread, and the search on a blocking thread: with the
-    /// verifier it takes a few hundred microseconds at 100k entries, too long to hold an async
-    /// worker.
-    pub async fn lookup(
+    /// With a shared store, an exact key another node stored is looked for there too, and a
+    /// hit is served only once the store confirms its entry is still there (a refuted one is
+    /// dropped and the next candidate tried).
+    pub async fn lookup(self: &Arc<Self>, key: &RequestKey, criteria: &Criteria) -> Result<Lookup, Error> {
+        let Some(shared) = &self.shared else {
+            if let Some(hit) = self.lookup_exact(key, criteria) {
+                return Ok(Lookup::Hit(hit));
+            }
+            return self.lookup_semantic(key, criteria).await;
+        };
+        if !shared.is_available() {
+            return Err(Error::Unavailable(shared.lost().unwrap_or_default()));
+        }
+        for _ in 0..CANDIDATES {
+            let hit = match self.lookup_exact(key, criteria) {
+                Some(hit) => hit,
+                None => {
+                    // An exact key stored on another node and not applied here yet is asked
+                    // for alongside the search by meaning, so that it costs no extra wait.
+                    let (remote, semantic) =
+                        tokio::join!(shared.exact(&key.exact.0 .0), self.lookup_semantic(key, criteria));
+                    let remote = remote?.and_then(|record| {
+                        self.adopt(record)?;
+                        self.lookup_exact(key, criteria)
+                    });
+                    match (remote, semantic?) {
+                        (Some(hit), _) | (None, Lookup::Hit(hit)) => hit,
+                        (None, miss) => return Ok(miss),
+                    }
+                }
+            };
+            if shared.confirm(hit.entry.id).await? {
+                return Ok(Lookup::Hit(hit));
+            }
+            self.forget(hit.entry.id);
+        }
+        Ok(Lookup::Miss(Miss::default()))
+    }
+
+    /// The exact layer, confirmed by the shared store when there is one.
+    pub async fn lookup_exact_confirmed(
+        &self,
+        key: &RequestKey,
+        criteria: &Criteria,
+    ) -> Result<Option<Hit>, Error> {
+        let Some(hit) = self.lookup_exact(key, criteria) else {
+            return Ok(None);
+        };
+        match &self.shared {
+            Some(shared) if !shared.confirm(hit.entry.id).await? => {
+                self.forget(hit.entry.id);
+                Ok(None)
+            }
+            _ => Ok(Some(hit)),
+        }
+    }
+
+    /// A search by meaning among the entries of the same tenant and context. Embedding runs
+    /// on a batching thread, and the search on a blocking thread: with the verifier it takes a
+    /// few hundred microseconds at 100k entries, too long to hold an async worker.
+    async fn lookup_semantic(
         self: &Arc<Self>,
         key: &RequestKey,
         criteria: &Criteria,
-    ) -> Result<Lookup, embed::Error> {
-        if let Some(hit) = self.lookup_exact(key, criteria) {
-            return Ok(Lookup::Hit(hit));
-        }
+    ) -> Result<Lookup, Error> {
         // With nothing to compare with (a new conversation, a new tenant), the embedding is not
         // needed before the upstream call: the caller can compute it alongside, for storing.
         if !key.is_semantic() || self.index.partition_len(&key.partition()) == 0 {
@@ -114,7 +169,7 @@ impl Cache {
         let (key, criteria) = (key.clone(), *criteria);
         tokio::task::spawn_blocking(move || cache.lookup_embedded(&key, embedding, &criteria))
             .await
-            .map_err(|err| embed::Error::Task(format!("the index search failed: {err}")))
+            .map_err(|err| embed::Error::Task(format!("the index search failed: {err}")).into())
     }
 
     /// The semantic layer, for a prompt already embedded. Candidates above the threshold (and

@@ -37,6 +37,7 @@ pub use table::Eviction;
 
 use crate::embed::{self, Batcher, Embedder};
 use crate::index::Index;
+use crate::store::redis::{Lease, RedisStore};
 use crate::store::{EntryStore, Op};
 use entry::{record_of, unix_ms};
 use table::Inner;
@@ -79,6 +80,40 @@ pub struct Cache {
     flights: flight::Flights,
     config: Config,
     writer: Option<Arc<dyn EntryStore>>,
+    /// The store shared with other nodes, when there is one (it is also `writer`).
+    shared: Option<Arc<RedisStore>>,
+}
+
+/// This node's lease on an upstream call; dropped, it ends (a stored answer has ended it
+/// already).
+pub struct LeaseGuard {
+    store: Arc<RedisStore>,
+    exact: [u8; 32],
+    token: String,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let (store, exact, token) = (
+            Arc::clone(&self.store),
+            self.exact,
+            std::mem::take(&mut self.token),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { store.release(&exact, &token).await });
+        }
+    }
+}
+
+/// Why a lookup could not be made; the request then goes through as through a plain proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Embed(#[from] embed::Error),
+    #[error("the shared store cannot be used now: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
 }
 
 impl Cache {
@@ -100,7 +135,13 @@ impl Cache {
             flights: flight::Flights::default(),
             config,
             writer: None,
+            shared: None,
         }
+    }
+
+    /// The store shared with other nodes, if this cache has one.
+    pub fn shared(&self) -> Option<&Arc<RedisStore>> {
+        self.shared.as_ref()
     }
 
     pub fn embedder(&self) -> &Arc<dyn Embedder> {
@@ -177,23 +218,59 @@ impl Cache {
         if let Some(writer) = &self.writer {
             let record = Box::new(record_of(&entry, embedding.clone()));
             if let Err(err) = writer.write(Op::Put(record)).await {
-                // Still served from memory: a broken disk degrades durability, not answers.
                 tracing::error!(error = %err, entry = entry.id, "entry not saved to the store");
+                if self.shared.is_some() {
+                    // Other nodes cannot see it and no hit on it could be confirmed: not held.
+                    return entry;
+                }
+                // Still served from memory: a broken disk degrades durability, not answers.
             }
         }
-        if let Some(embedding) = embedding {
-            self.index.insert(key.partition(), entry.id, embedding);
-        }
-        let replaced = self.inner.write().add(Arc::clone(&entry));
-        if let Some(old_id) = replaced {
-            self.remove(old_id);
-        }
+        let entry = self.admit(entry, embedding);
         self.evict_to_bound(Some(entry.id));
         entry
     }
 
-    /// Removes every entry, or every entry of one tenant. Returns how many were removed.
-    pub fn clear(&self, tenant: Option<TenantId>) -> usize {
+    /// Adds an entry to the table and the index, unless one with its id is there already (a
+    /// shared store's log may bring in this node's own entry before its store call returns):
+    /// then that one is kept and returned. An entry it replaces (same exact key) goes.
+    fn admit(&self, entry: Arc<Entry>, embedding: Option<Vec<f32>>) -> Arc<Entry> {
+        let replaced = {
+            let mut inner = self.inner.write();
+            if let Some(existing) = inner.entries.get(&entry.id) {
+                return Arc::clone(existing);
+            }
+            inner.add(Arc::clone(&entry))
+        };
+        if let Some(embedding) = embedding {
+            self.index
+                .insert(partition_of(entry.tenant, entry.fingerprint), entry.id, embedding);
+        }
+        if let Some(old_id) = replaced {
+            if self.shared.is_some() {
+                // The shared store replaced it already, for every node.
+                self.forget(old_id);
+            } else {
+                self.remove(old_id);
+            }
+        }
+        entry
+    }
+
+    /// Removes every entry, or every entry of one tenant, on every node when the store is
+    /// shared. Returns how many were removed.
+    pub async fn clear(&self, tenant: Option<TenantId>) -> Result<usize, Error> {
+        let local = self.clear_local(tenant);
+        match &self.shared {
+            Some(shared) => Ok(shared
+                .clear(tenant.map(|tenant| tenant.0 .0).as_ref())
+                .await?
+                .max(local)),
+            None => Ok(local),
+        }
+    }
+
+    fn clear_local(&self, tenant: Option<TenantId>) -> usize {
         let ids: Vec<u64> = self
             .inner
             .read()
@@ -212,7 +289,7 @@ impl Cache {
         text: &str,
         min_similarity: f32,
         tenant: Option<TenantId>,
-    ) -> Result<usize, embed::Error> {
+    ) -> Result<usize, Error> {
         let embedding = self.embed(text).await?;
         let candidates = self.index.within(&embedding, min_similarity);
         let ids: Vec<u64> = {
@@ -227,7 +304,22 @@ impl Cache {
                 })
                 .collect()
         };
-        Ok(ids.into_iter().filter(|id| self.remove(*id)).count())
+        let removed = ids.into_iter().filter(|id| self.remove(*id)).count();
+        self.flush_store().await?;
+        Ok(removed)
+    }
+
+    /// Removes an entry, from the store too, and waits until the store has done it: on every
+    /// node when the store is shared (also when this node has not seen the entry yet).
+    /// Returns whether it was there.
+    pub async fn delete(&self, entry_id: u64) -> Result<bool, Error> {
+        let here = self.remove(entry_id);
+        let elsewhere = match &self.shared {
+            Some(shared) if !here => shared.remove_one(entry_id).await?,
+            _ => false,
+        };
+        self.flush_store().await?;
+        Ok(here || elsewhere)
     }
 
     /// The newest entries first.
@@ -268,6 +360,53 @@ impl Cache {
     /// Joins the in-flight upstream call for this exact key, or becomes its leader.
     pub fn join(&self, key: &RequestKey) -> Join {
         self.flights.join(key.exact)
+    }
+
+    /// With a shared store, asks for the lease on the upstream call for this exact key:
+    /// `Some(Ok)` when this node makes the call, `Some(Err)` when another node is making it,
+    /// `None` without a shared store (or when it cannot be asked: then the call is made).
+    pub async fn lease(&self, key: &RequestKey) -> Option<Result<LeaseGuard, ()>> {
+        let shared = self.shared.as_ref()?;
+        match shared.lease(&key.exact.0 .0).await {
+            Ok(Lease::Granted(token)) => Some(Ok(LeaseGuard {
+                store: Arc::clone(shared),
+                exact: key.exact.0 .0,
+                token,
+            })),
+            Ok(Lease::Held) => Some(Err(())),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for the answer another node's leased call stores: `None` when its lease ends
+    /// without one (its call failed) or the store cannot be asked; the caller then makes its
+    /// own call.
+    pub async fn await_other_node(&self, key: &RequestKey) -> Option<Hit> {
+        let shared = self.shared.as_ref()?;
+        let deadline = tokio::time::Instant::now() + shared.config().lease;
+        let mut pause = Duration::from_millis(5);
+        let exact = key.exact.0 .0;
+        let mut lease_ended = false;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+            if let Some(record) = shared.exact(&exact).await.ok()? {
+                let entry = self.adopt(record)?;
+                shared.confirm(entry.id).await.ok()?;
+                self.flights.count_follower();
+                return Some(Hit {
+                    entry,
+                    similarity: 1.0,
+                    kind: HitKind::Exact,
+                });
+            }
+            // Asked after the entry: a lease ended by the leader's store leaves the entry.
+            if lease_ended {
+                return None;
+            }
+            lease_ended = !shared.leased(&exact).await.ok()?;
+        }
+        None
     }
 
     /// Requests so far that waited for another's identical upstream call instead of making

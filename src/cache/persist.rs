@@ -27,6 +27,21 @@ impl Cache {
         cache
     }
 
+    /// A cache that replicates a store shared with other nodes; empty until
+    /// [`RedisStore::follow`](crate::store::redis::RedisStore::follow) has loaded it. It bounds
+    /// nothing itself: the shared store keeps `--max-entries` across the cluster.
+    pub fn with_shared_store(
+        embedder: Arc<dyn Embedder>,
+        mut config: Config,
+        store: Arc<crate::store::redis::RedisStore>,
+    ) -> Self {
+        config.max_entries = 0;
+        let mut cache = Self::new(embedder, config);
+        cache.writer = Some(Arc::clone(&store) as Arc<dyn EntryStore>);
+        cache.shared = Some(store);
+        cache
+    }
+
     fn restore(&self, loaded: Loaded) {
         let Loaded { mut records, vectors } = loaded;
         let now = SystemTime::now();
@@ -47,40 +62,7 @@ impl Cache {
         // Recency restarts from the saved last-use times, oldest first.
         records.sort_by_key(|(record, _)| (record.last_hit_ms.max(record.created_ms), record.id));
         for (record, vector) in records {
-            let key = RequestKey::new(
-                TenantId(Digest32(record.tenant)),
-                Fingerprint(Digest32(record.fingerprint)),
-                record.prompt,
-            );
-            let entry = Arc::new(Entry {
-                id: record.id,
-                tenant: key.tenant,
-                fingerprint: key.fingerprint,
-                exact: key.exact,
-                answer: Answer {
-                    completion: Bytes::from(record.completion),
-                    model: record.model,
-                    usage: Usage {
-                        prompt_tokens: record.prompt_tokens,
-                        completion_tokens: record.completion_tokens,
-                    },
-                    upstream_latency: Duration::from_micros(record.upstream_latency_us),
-                },
-                created: from_unix_ms(record.created_ms),
-                expires: record.expires_ms.map(from_unix_ms),
-                hits: AtomicU64::new(record.hits),
-                frequency: AtomicU64::new(record.hits),
-                last_used_ms: AtomicU64::new(record.last_hit_ms.max(record.created_ms)),
-                recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
-                saved_hits: AtomicU64::new(record.hits),
-                counts_changed: AtomicBool::new(false),
-                own_threshold: AtomicU32::new(record.own_threshold.to_bits()),
-                wrong_reports: AtomicU64::new(record.wrong_reports),
-                last_similarity: AtomicU32::new(0),
-                seen_len: OnceLock::new(),
-                analysis: OnceLock::new(),
-                prompt: key.prompt,
-            });
+            let entry = self.entry_of(record);
             if entry.is_expired(now) {
                 self.persist(Op::Delete(entry.id));
                 continue;
@@ -98,6 +80,99 @@ impl Cache {
             }
         }
         self.evict_to_bound(None);
+    }
+
+    /// An entry as a record describes it, with a fresh place in the recency order.
+    fn entry_of(&self, record: store::Record) -> Arc<Entry> {
+        let key = RequestKey::new(
+            TenantId(Digest32(record.tenant)),
+            Fingerprint(Digest32(record.fingerprint)),
+            record.prompt,
+        );
+        Arc::new(Entry {
+            id: record.id,
+            tenant: key.tenant,
+            fingerprint: key.fingerprint,
+            exact: key.exact,
+            answer: Answer {
+                completion: Bytes::from(record.completion),
+                model: record.model,
+                usage: Usage {
+                    prompt_tokens: record.prompt_tokens,
+                    completion_tokens: record.completion_tokens,
+                },
+                upstream_latency: Duration::from_micros(record.upstream_latency_us),
+            },
+            created: from_unix_ms(record.created_ms),
+            expires: record.expires_ms.map(from_unix_ms),
+            hits: AtomicU64::new(record.hits),
+            frequency: AtomicU64::new(record.hits),
+            last_used_ms: AtomicU64::new(record.last_hit_ms.max(record.created_ms)),
+            recency: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+            saved_hits: AtomicU64::new(record.hits),
+            counts_changed: AtomicBool::new(false),
+            own_threshold: AtomicU32::new(record.own_threshold.to_bits()),
+            wrong_reports: AtomicU64::new(record.wrong_reports),
+            last_similarity: AtomicU32::new(0),
+            seen_len: OnceLock::new(),
+            analysis: OnceLock::new(),
+            prompt: key.prompt,
+        })
+    }
+
+    /// Takes in an entry another node stored (read from the shared store), unless it is
+    /// already here or expired. Returns the entry held for its id.
+    pub fn adopt(&self, mut record: store::Record) -> Option<Arc<Entry>> {
+        if let Some(entry) = self.get(record.id) {
+            return Some(entry);
+        }
+        let embedding = record.embedding.take();
+        let entry = self.entry_of(record);
+        if entry.is_expired(SystemTime::now()) {
+            return None;
+        }
+        Some(self.admit(entry, embedding))
+    }
+
+    /// Drops an entry from memory only: the shared store said it is gone.
+    pub fn forget(&self, entry_id: u64) -> bool {
+        let Some(entry) = self.inner.write().take(entry_id) else {
+            return false;
+        };
+        self.index
+            .remove(&partition_of(entry.tenant, entry.fingerprint), entry_id);
+        true
+    }
+
+    /// Feedback another node saved: the entry's own threshold and wrong-answer reports.
+    pub fn apply_feedback(&self, entry_id: u64, own_threshold: f32, wrong_reports: u64) {
+        if let Some(entry) = self.get(entry_id) {
+            entry.own_threshold.store(
+                own_threshold.max(entry.own_threshold()).to_bits(),
+                Ordering::Relaxed,
+            );
+            entry.wrong_reports.fetch_max(wrong_reports, Ordering::Relaxed);
+        }
+    }
+
+    /// Replaces everything held in memory by what the shared store holds. Slow: call it on
+    /// the blocking pool.
+    pub fn reload(&self, loaded: Loaded) {
+        let ids: Vec<u64> = self.inner.read().entries.keys().copied().collect();
+        let keep: std::collections::HashSet<u64> =
+            loaded.records.iter().map(|(record, _)| record.id).collect();
+        for id in ids.into_iter().filter(|id| !keep.contains(id)) {
+            self.forget(id);
+        }
+        let Loaded { records, vectors } = loaded;
+        let fresh: Vec<_> = records
+            .into_iter()
+            .filter(|(record, _)| self.get(record.id).is_none())
+            .collect();
+        self.restore(Loaded {
+            records: fresh,
+            vectors,
+        });
     }
 
     pub(super) fn persist(&self, op: Op) {

@@ -135,6 +135,7 @@ impl Service {
             key,
             embedding: None,
             flight: None,
+            lease: None,
             ttl: controls.ttl,
         };
         let mut nearest = None;
@@ -158,9 +159,24 @@ impl Service {
             match self.cache.join(&ticket.key) {
                 Join::Leader(leader) => {
                     // The previous leader may have stored the answer since our lookup.
-                    if let Some(hit) = self.cache.lookup_exact(&ticket.key, &controls.criteria) {
+                    if let Ok(Some(hit)) = self
+                        .cache
+                        .lookup_exact_confirmed(&ticket.key, &controls.criteria)
+                        .await
+                    {
                         leader.complete(Arc::clone(&hit.entry));
                         return Ok(self.hit(model, hit, started));
+                    }
+                    // With other nodes, the call is theirs to make if one of them already is.
+                    match self.cache.lease(&ticket.key).await {
+                        Some(Ok(lease)) => ticket.lease = Some(lease),
+                        Some(Err(())) => {
+                            if let Some(hit) = self.cache.await_other_node(&ticket.key).await {
+                                leader.complete(Arc::clone(&hit.entry));
+                                return Ok(self.hit(model, hit, started));
+                            }
+                        }
+                        None => {}
                     }
                     ticket.flight = Some(leader);
                 }
@@ -287,6 +303,8 @@ struct Ticket {
     /// Computed by the lookup, when it needed one.
     embedding: Option<Vec<f32>>,
     flight: Option<Flight>,
+    /// This node's lease on the call, when other nodes share the store.
+    lease: Option<super::LeaseGuard>,
     ttl: Option<Duration>,
 }
 

@@ -65,7 +65,7 @@ pub async fn patch_config(
         settings.verify = verify;
     }
     // Saved first: a change that cannot be kept is not applied.
-    state.settings_store.save(&settings)?;
+    state.settings_store.keep(&settings).await?;
     tracing::info!(
         threshold = settings.threshold,
         "settings changed through the admin API"
@@ -148,7 +148,10 @@ pub async fn delete_entry(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let removed = id.parse::<u64>().is_ok_and(|id| state.cache.remove(id));
+    let removed = match id.parse::<u64>() {
+        Ok(id) => state.cache.delete(id).await?,
+        Err(_) => false,
+    };
     if !removed {
         return Err(ApiError::NotFound(format!("No entry with id {id:?}.")));
     }
@@ -177,6 +180,11 @@ pub async fn entry_feedback(
         .cache
         .report(entry_id, request.correct, None)
         .ok_or_else(not_found)?;
+    state
+        .cache
+        .flush_store()
+        .await
+        .map_err(|err| ApiError::Store(err.to_string()))?;
     state.stats.record_feedback(request.correct);
     Ok(Json(super::openai::feedback_json(entry_id, outcome)))
 }
@@ -195,7 +203,7 @@ pub async fn flush(
 ) -> Result<Json<Value>, ApiError> {
     let request = request.unwrap_or_default();
     let tenant = request.api_key.as_deref().map(TenantId::from_api_key);
-    let removed = state.cache.clear(tenant);
+    let removed = state.cache.clear(tenant).await?;
     tracing::info!(
         removed,
         one_tenant = tenant.is_some(),

@@ -41,8 +41,19 @@ pub enum ApiError {
     Embedding(#[from] crate::embed::Error),
     #[error("could not save the settings")]
     Persist(#[from] crate::settings::Error),
+    #[error("the cache's store cannot be reached now; nothing was changed or only part of it. Retry when /healthz says ok.")]
+    Store(String),
     #[error("semcache is overloaded: too many requests in flight and waiting. Retry after {OVERLOAD_RETRY_AFTER_SECS} s.")]
     Overloaded,
+}
+
+impl From<crate::cache::Error> for ApiError {
+    fn from(err: crate::cache::Error) -> Self {
+        match err {
+            crate::cache::Error::Embed(err) => ApiError::Embedding(err),
+            other => ApiError::Store(other.to_string()),
+        }
+    }
 }
 
 /// What an overloaded service tells clients to wait, in seconds.
@@ -132,6 +143,12 @@ impl ApiError {
             ),
             ApiError::Embedding(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
             ApiError::Persist(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            ApiError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("store_unavailable"),
+                None,
+            ),
             ApiError::Overloaded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -160,6 +177,10 @@ impl IntoResponse for ApiError {
             ApiError::Embedding(detail) => {
                 tracing::error!(%detail, "embedding failed");
                 "semcache's embedding model failed.".to_owned()
+            }
+            ApiError::Store(detail) => {
+                tracing::error!(%detail, "the store failed an operator's change");
+                self.to_string()
             }
             ApiError::Persist(detail) => {
                 tracing::error!(%detail, "saving settings failed");

@@ -284,6 +284,11 @@ pub async fn feedback(
         .cache
         .report(request.entry_id, request.correct, request.similarity)
         .ok_or_else(not_found)?;
+    state
+        .cache
+        .flush_store()
+        .await
+        .map_err(|err| ApiError::Store(err.to_string()))?;
     state.stats.record_feedback(request.correct);
     Ok(axum::Json(feedback_json(request.entry_id, outcome)).into_response())
 }

@@ -15,7 +15,35 @@ fn edges() -> Vec<f64> {
     (0..=BUCKETS).map(|i| i as f64 / BUCKETS as f64).collect()
 }
 
+/// The shared store's part of `/stats`: this node's replica, and the figures summed over every
+/// node (`null` when the store cannot be asked).
+async fn shared_json(state: &AppState) -> Value {
+    let Some(shared) = state.cache.shared() else {
+        return Value::Null;
+    };
+    let replication = &shared.replication;
+    let lag = replication.lag_percentiles();
+    let cluster = shared.cluster_figures().await.ok().map(|figures| {
+        let figure = |name: &str| figures.get(name).copied().unwrap_or(0.0);
+        json!({
+            "requests": figure("requests") as u64,
+            "hits": figure("hits") as u64,
+            "tokens_saved": figure("tokens_saved") as u64,
+            "cost_saved_usd": (figure("cost_saved_usd") * 1e6).round() / 1e6,
+        })
+    });
+    json!({
+        "available": shared.is_available(),
+        "namespace": shared.config().namespace,
+        "applied": replication.applied.load(std::sync::atomic::Ordering::Relaxed),
+        "loads": replication.loads.load(std::sync::atomic::Ordering::Relaxed),
+        "lag_ms": {"p50": lag.map(|(p50, _)| p50), "p99": lag.map(|(_, p99)| p99)},
+        "cluster": cluster,
+    })
+}
+
 pub async fn stats(State(state): State<AppState>) -> Json<Value> {
+    let shared = shared_json(&state).await;
     let s = state.stats.snapshot();
     let breakdown = |requests: u64, hits: u64, tokens: u64, cost: f64| json!({"requests": requests, "hits": hits, "tokens_saved": tokens, "cost_saved_usd": cost});
     let by_model: Map<String, Value> = s
@@ -78,6 +106,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "by_model": by_model,
         "by_tenant": by_tenant,
         "history": history,
+        "shared_store": shared,
     }))
 }
 
@@ -93,8 +122,45 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         hit_sum: state.stats.hit_similarity.sum(),
         near_sum: state.stats.near_miss_similarity.sum(),
     };
-    let text = prometheus_text(&snapshot, &live);
+    let mut text = prometheus_text(&snapshot, &live);
+    if let Some(shared) = state.cache.shared() {
+        shared_metrics(&mut text, shared);
+    }
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// This node's replica of the shared store. Figures summed over the cluster are not exposed
+/// here: Prometheus sums the nodes' own.
+fn shared_metrics(text: &mut String, shared: &crate::store::redis::RedisStore) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let replication = &shared.replication;
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    metric(
+        "semcache_shared_store_available",
+        "gauge",
+        "1 while the shared store (Redis) can be used; 0 while requests go through as a plain proxy.",
+        if shared.is_available() { 1.0 } else { 0.0 },
+    );
+    metric(
+        "semcache_replication_applied_total",
+        "counter",
+        "Changes applied from the shared store's log.",
+        replication.applied.load(Relaxed) as f64,
+    );
+    metric(
+        "semcache_replication_loads_total",
+        "counter",
+        "Whole loads of the shared store: at start, after it came back, or after falling behind its log.",
+        replication.loads.load(Relaxed) as f64,
+    );
+    if let Some((p50, p99)) = replication.lag_percentiles() {
+        let _ = writeln!(
+            text,
+            "# HELP semcache_replication_lag_ms From an entry stored on any node to its change applied on this one, over the last changes.\n# TYPE semcache_replication_lag_ms gauge\nsemcache_replication_lag_ms{{quantile=\"0.5\"}} {p50}\nsemcache_replication_lag_ms{{quantile=\"0.99\"}} {p99}"
+        );
+    }
 }
 
 /// Escapes a label value as the exposition format requires.

@@ -5,6 +5,8 @@
 //! format is versioned in the `meta` table; a database written by another version is refused.
 
 mod record;
+pub mod redis;
+mod scripts;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -32,9 +34,9 @@ pub use writer::{Durability, Writer};
 use crate::embed::EmbedderId;
 
 /// The durable side of the cache: where entries are kept so that they outlive the process.
-/// redb in the data directory ([`Writer`] in front of [`Store`]) is the first implementation; a
-/// store shared by several nodes is the next. The cache holds the live entries in memory and
-/// tells the store every change; the store loads them all back at start ([`Loaded`]).
+/// redb in the data directory ([`Writer`] in front of [`Store`]) keeps one node's entries;
+/// [`redis::RedisStore`] is shared by several nodes. The cache holds the live entries in memory
+/// and tells the store every change; the store loads them all back at start ([`Loaded`]).
 pub trait EntryStore: Send + Sync {
     /// Saves a change; in strict durability, returns once it is durable.
     fn write(&self, op: Op) -> futures::future::BoxFuture<'_, Result<(), Error>>;

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, so the crate and the model load once.
 
 mod admin;
+mod cluster;
 mod crash;
 mod dashboard;
 mod embedding;

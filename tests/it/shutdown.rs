@@ -62,11 +62,12 @@ async fn sigterm_finishes_requests_in_flight_and_keeps_their_answers() {
     let finished = Reply::from(in_flight.await.unwrap().unwrap()).await;
     assert_eq!(finished.status, 200, "the request in flight finished");
     assert_eq!(finished.cache(), "miss");
+    let output = std::sync::Arc::clone(&process.output);
     let status = tokio::task::spawn_blocking(move || process.child.wait().unwrap())
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
-    let output = process.output.lock().join("\n");
+    let output = output.lock().join("\n");
     assert!(!output.contains("panicked"), "{output}");
 
     upstream.set_delay(Duration::ZERO);

@@ -492,6 +492,14 @@ pub struct Process {
     pub output: Arc<Mutex<Vec<String>>>,
 }
 
+impl Drop for Process {
+    /// A test that fails midway leaves no server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `semcache serve --listen 127.0.0.1:0 --model-dir … ARGS` with `envs`, and waits for
 /// the line that says where it listens.
 pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> Process {

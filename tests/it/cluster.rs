@@ -1,0 +1,684 @@
+//! Several nodes, one cache: three semcache nodes on one real `redis-server` (started here on a
+//! free port, in a temporary directory, with its append-only file on `everysec`).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{
+    chat_body, fresh_data_dir, spawn_binary, Mode, Process, RemovedOnDrop, Reply, Semcache, TestUpstream,
+    KEY_A, KEY_B,
+};
+
+/// A `redis-server` of the test's own.
+pub struct Redis {
+    port: u16,
+    password: Option<&'static str>,
+    dir: PathBuf,
+    child: Option<Child>,
+    _removed: RemovedOnDrop,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    pub fn start_with_password(password: Option<&'static str>) -> Self {
+        let dir = fresh_data_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port: free_port(),
+            password,
+            dir: dir.clone(),
+            child: None,
+            _removed: RemovedOnDrop(dir),
+        };
+        redis.run();
+        redis
+    }
+
+    /// Starts the server (again) on the same port and directory: its append-only file is read
+    /// back.
+    pub fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .args(
+                self.password
+                    .map(|password| ["--requirepass", password])
+                    .into_iter()
+                    .flatten(),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (tests/redis/setup installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.query(&["PING"]).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: nothing more reaches its append-only file.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Empties its directory: started again, it has lost everything.
+    pub fn wipe(&self) {
+        std::fs::remove_dir_all(&self.dir).unwrap();
+        std::fs::create_dir_all(&self.dir).unwrap();
+    }
+
+    pub fn query(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut conn)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node on `redis` (namespace `semcache`) with the given upstream.
+async fn node(upstream: &TestUpstream, redis: &Redis) -> Semcache {
+    node_with(upstream, redis, |_| {}).await
+}
+
+async fn node_with(
+    upstream: &TestUpstream,
+    redis: &Redis,
+    configure: impl FnOnce(&mut semcache::config::ServeArgs),
+) -> Semcache {
+    if let Ok(filter) = std::env::var("SEMCACHE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(filter)
+            .try_init();
+    }
+    let url = redis.url();
+    let node = Semcache::start_with(upstream, |args| {
+        args.store = Some(url);
+        configure(args);
+    })
+    .await;
+    wait_available(&node).await;
+    node
+}
+
+async fn wait_available(node: &Semcache) {
+    eventually("the node has loaded the shared store", || async {
+        node.get_json("/stats").await["shared_store"]["available"] == json!(true)
+    })
+    .await;
+}
+
+/// Waits up to 10 s for `condition`.
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn applied(node: &Semcache) -> u64 {
+    node.get_json("/stats").await["shared_store"]["applied"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Waits until `node` has applied at least `changes` changes from the log.
+async fn wait_applied(node: &Semcache, changes: u64) {
+    eventually("the node applied the log", || async {
+        applied(node).await >= changes
+    })
+    .await;
+}
+
+async fn three_nodes(upstream: &TestUpstream, redis: &Redis) -> [Semcache; 3] {
+    [
+        node(upstream, redis).await,
+        node(upstream, redis).await,
+        node(upstream, redis).await,
+    ]
+}
+
+/// A request that went to the (failing) upstream: not answered from the cache.
+fn assert_not_served(reply: Reply) {
+    assert_eq!((reply.status, reply.cache()), (500, "miss"), "{:?}", reply.body);
+}
+
+const ASKED: &str = "How do I reset my password?";
+const REWORDED: &str = "How can I reset my password?";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stored_through_one_node_is_served_by_every_node() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let [a, b, c] = three_nodes(&upstream, &redis).await;
+
+    let stored = a.chat(&chat_body(ASKED)).await;
+    assert_eq!(stored.cache(), "miss");
+    // The exact repeat hits on B at once, before B's replica has seen anything.
+    let exact = b.chat(&chat_body(ASKED)).await;
+    assert_eq!(exact.cache(), "hit", "{:?}", exact.body);
+    assert_eq!(exact.content(), stored.content());
+
+    // The paraphrase hits by meaning on C as soon as its replica has the entry.
+    wait_applied(&c, 1).await;
+    let reworded = c.chat(&chat_body(REWORDED)).await;
+    assert_eq!(reworded.cache(), "hit", "{:?}", reworded.body);
+    assert!(reworded.similarity() < 0.9999, "a hit by meaning");
+    assert_eq!(reworded.content(), stored.content());
+    wait_applied(&b, 1).await;
+    assert_eq!(b.chat(&chat_body(REWORDED)).await.cache(), "hit");
+    assert_eq!(upstream.chat_calls(), 1);
+
+    // Another tenant never gets it, on any node.
+    for node in [&a, &b, &c] {
+        let other = node.chat_as(KEY_B, &chat_body(ASKED), &[]).await;
+        assert_ne!(
+            other.content(),
+            stored.content(),
+            "tenant B served tenant A's answer"
+        );
+        // B's own answer is B's from then on; A still gets A's.
+        let again = node.chat(&chat_body(ASKED)).await;
+        assert_eq!(again.content(), stored.content());
+    }
+
+    // Every node reports its replica, and the cluster's figures add up every node's.
+    let stats = a.get_json("/stats").await;
+    assert!(stats["shared_store"]["lag_ms"]["p50"].is_u64(), "{stats}");
+    eventually("cluster figures add up the three nodes", || async {
+        let cluster = a.get_json("/stats").await["shared_store"]["cluster"].clone();
+        cluster["requests"] == json!(10) && cluster["hits"] == json!(8)
+    })
+    .await;
+    let metrics = b.get_text("/metrics").await;
+    assert!(metrics.contains("semcache_shared_store_available 1"), "{metrics}");
+    assert!(metrics.contains("semcache_replication_lag_ms{quantile=\"0.99\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_changes_through_one_node_apply_on_every_node() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let [a, b, c] = three_nodes(&upstream, &redis).await;
+    let http = reqwest::Client::new();
+
+    // A threshold change through C applies on A and B within a second, and is kept in Redis.
+    let patched = http
+        .patch(c.url("/admin/config"))
+        .json(&json!({"threshold": 0.93, "verify": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let changed = Instant::now();
+    for node in [&a, &b] {
+        eventually("the threshold reaches every node", || async {
+            node.get_json("/admin/config").await["threshold"] == json!(0.93)
+        })
+        .await;
+    }
+    assert!(
+        changed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        changed.elapsed()
+    );
+    let later = node(&upstream, &redis).await;
+    assert_eq!(
+        later.get_json("/admin/config").await["verify"],
+        json!(false),
+        "a new node reads the saved settings"
+    );
+    http.patch(c.url("/admin/config"))
+        .json(&json!({"threshold": 0.82, "verify": true}))
+        .send()
+        .await
+        .unwrap();
+
+    // Delete through C an entry stored through A: no node serves it.
+    let first = a
+        .chat(&chat_body("What are your opening hours on Sundays?"))
+        .await;
+    let id = first.header("x-semcache-entry").unwrap().to_owned();
+    let deleted = http
+        .delete(c.url(&format!("/admin/entries/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    // The upstream fails while nodes are asked, so that a miss stores nothing for the next.
+    upstream.set_mode(Mode::Status(500));
+    for node in [&a, &b, &c] {
+        assert_not_served(
+            node.chat(&chat_body("What are your opening hours on Sundays?"))
+                .await,
+        );
+    }
+    upstream.set_mode(Mode::Normal);
+
+    // Wrong-answer feedback through C on an exact hit evicts the entry everywhere.
+    let stored = a.chat(&chat_body("Can I change my delivery address?")).await;
+    let id: u64 = stored.header("x-semcache-entry").unwrap().parse().unwrap();
+    let feedback = http
+        .post(c.url(&format!("/admin/entries/{id}/feedback")))
+        .json(&json!({"correct": false}))
+        .send()
+        .await
+        .unwrap();
+    // C may not have applied the entry yet: then it says so, and the report is retried.
+    if feedback.status() == 404 {
+        wait_applied(&c, 1).await;
+        eventually("C has the entry", || async {
+            http.post(c.url(&format!("/admin/entries/{id}/feedback")))
+                .json(&json!({"correct": false}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+        })
+        .await;
+    }
+    upstream.set_mode(Mode::Status(500));
+    for node in [&a, &b] {
+        assert_not_served(node.chat(&chat_body("Can I change my delivery address?")).await);
+    }
+    upstream.set_mode(Mode::Normal);
+
+    // Invalidation through B removes what A stored, on A and C.
+    a.chat(&chat_body("Do you ship to Norway?")).await;
+    wait_applied(&b, applied(&a).await).await;
+    let invalidated: Value = http
+        .post(b.url("/admin/invalidate"))
+        .json(&json!({"prompt": "Do you deliver to Norway?", "min_similarity": 0.7}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(invalidated["removed"].as_u64().unwrap() >= 1, "{invalidated}");
+    upstream.set_mode(Mode::Status(500));
+    for node in [&a, &c] {
+        assert_not_served(node.chat(&chat_body("Do you ship to Norway?")).await);
+    }
+    upstream.set_mode(Mode::Normal);
+
+    // A flush through C, of one tenant, reaches entries C never saw.
+    let kept = a
+        .chat_as(KEY_B, &chat_body("Is there a student discount?"), &[])
+        .await;
+    assert_eq!(kept.cache(), "miss");
+    a.chat(&chat_body("Is there a student discount?")).await;
+    let flushed: Value = http
+        .post(c.url("/admin/flush"))
+        .json(&json!({"api_key": KEY_A}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(flushed["removed"].as_u64().unwrap() >= 1, "{flushed}");
+    upstream.set_mode(Mode::Status(500));
+    for node in [&a, &b, &c] {
+        assert_not_served(node.chat(&chat_body("Is there a student discount?")).await);
+        assert_eq!(
+            node.chat_as(KEY_B, &chat_body("Is there a student discount?"), &[])
+                .await
+                .cache(),
+            "hit",
+            "the other tenant's entries stay"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_gone_from_redis_are_never_served_even_before_the_log_says_so() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let [a, b, _c] = three_nodes(&upstream, &redis).await;
+    let stored = a.chat(&chat_body(ASKED)).await;
+    let id = stored.header("x-semcache-entry").unwrap().to_owned();
+    wait_applied(&b, 1).await;
+    assert_eq!(b.chat(&chat_body(REWORDED)).await.cache(), "hit");
+
+    // Removed behind every node's back, with nothing in the log (as an expiry or an eviction by
+    // Redis itself is): no node serves it, exactly or by meaning.
+    redis.query(&["DEL", &format!("semcache:e:{id}")]).unwrap();
+    // The upstream fails meanwhile, so that no miss stores a new answer for the next node.
+    upstream.set_mode(Mode::Status(500));
+    for node in [&a, &b] {
+        assert_not_served(node.chat(&chat_body(REWORDED)).await);
+    }
+    upstream.set_mode(Mode::Normal);
+
+    // Expired by Redis's own clock, before any node's upkeep has looked.
+    let short = b.chat(&chat_body("Where is my parcel?")).await;
+    let id = short.header("x-semcache-entry").unwrap().to_owned();
+    wait_applied(&a, applied(&b).await).await;
+    redis
+        .query(&["PEXPIRE", &format!("semcache:e:{id}"), "1"])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.set_mode(Mode::Status(500));
+    assert_not_served(a.chat(&chat_body("Where's my parcel?")).await);
+    assert_not_served(b.chat(&chat_body("Where is my parcel?")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_concurrent_misses_on_several_nodes_make_one_upstream_call() {
+    let upstream = TestUpstream::start().await;
+    upstream.set_delay(Duration::from_millis(400));
+    let redis = Redis::start();
+    let nodes = three_nodes(&upstream, &redis).await;
+    let body = chat_body("Explain the refund policy.");
+    let asks = (0..10).map(|i| nodes[i % 3].chat(&body));
+    let replies = futures::future::join_all(asks).await;
+    assert_eq!(
+        upstream.chat_calls(),
+        1,
+        "one call for ten identical requests on three nodes"
+    );
+    let content = replies[0].content();
+    assert!(replies.iter().all(|reply| reply.content() == content));
+    assert_eq!(replies.iter().filter(|reply| reply.cache() == "miss").count(), 1);
+
+    // A leader that gets nothing storable lets the others make their own call.
+    upstream.set_mode(Mode::Status(500));
+    let body = chat_body("Explain the warranty.");
+    let asks = (0..3).map(|i| nodes[i].chat(&body));
+    let replies = futures::future::join_all(asks).await;
+    assert!(replies.iter().all(|reply| reply.status == 500));
+    assert_eq!(upstream.chat_calls(), 4);
+}
+
+fn spawn_node(upstream: &str, redis: &str, data_dir: &Path) -> Process {
+    spawn_binary(
+        &[
+            "--upstream",
+            upstream,
+            "--store",
+            redis,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "info")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_writes_comes_back_with_every_acknowledged_entry() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let data_dir = fresh_data_dir();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut process = spawn_node(&upstream.base_url(), &redis.url(), &data_dir);
+    // `no-cache` on the writes: each is stored, none is served from another.
+    let ask = move |addr: std::net::SocketAddr, prompt: String, cache_control: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .bearer_auth(KEY_A)
+                .header("cache-control", cache_control)
+                .json(&chat_body(&prompt))
+                .send()
+                .await?;
+            let (status, headers) = (response.status().as_u16(), response.headers().clone());
+            Ok::<_, reqwest::Error>(Reply {
+                status,
+                headers,
+                body: response.bytes().await?,
+            })
+        }
+    };
+    // Writes keep coming while the node is killed; what was answered was acknowledged.
+    let addr = process.addr;
+    let writer = tokio::spawn({
+        let ask = ask.clone();
+        async move {
+            let mut acknowledged = Vec::new();
+            for i in 0.. {
+                match ask(addr, format!("Order number {i}: where is it now?"), "no-cache").await {
+                    Ok(reply) if reply.status == 200 && reply.cache() == "miss" => {
+                        acknowledged.push((format!("Order number {i}: where is it now?"), reply.content()));
+                    }
+                    // Still loading the shared store: answered as a plain proxy, not stored.
+                    Ok(reply) if reply.cache() == "bypass" => {}
+                    _ => return acknowledged,
+                }
+            }
+            acknowledged
+        }
+    });
+    eventually("some writes", || async { upstream.chat_calls() >= 30 }).await;
+    process.child.kill().unwrap();
+    process.child.wait().unwrap();
+    let acknowledged = writer.await.unwrap();
+    assert!(acknowledged.len() >= 20);
+
+    let mut restarted = spawn_node(&upstream.base_url(), &redis.url(), &data_dir);
+    for (prompt, content) in &acknowledged {
+        let mut reply = ask(restarted.addr, prompt.clone(), "max-age=3600").await.unwrap();
+        // The restarted node may still be loading: it answers as a plain proxy meanwhile.
+        while reply.cache() == "bypass" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reply = ask(restarted.addr, prompt.clone(), "max-age=3600").await.unwrap();
+        }
+        assert_eq!(reply.cache(), "hit", "acknowledged {prompt:?} was lost");
+        assert_eq!(&reply.content(), content);
+    }
+    let _ = restarted.child.kill();
+    let _ = restarted.child.wait();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_every_node_is_a_plain_proxy_and_recovers_when_it_is_back() {
+    let upstream = TestUpstream::start().await;
+    let mut redis = Redis::start();
+    let [a, b, _c] = three_nodes(&upstream, &redis).await;
+    let stored = a.chat(&chat_body(ASKED)).await;
+    // appendfsync everysec: what was acknowledged more than a second before a crash is kept.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    redis.kill();
+    for node in [&a, &b] {
+        let reply = node.chat(&chat_body(ASKED)).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.cache(),
+            "bypass",
+            "nothing is served that Redis cannot vouch for"
+        );
+    }
+    eventually("health says degraded", || async {
+        a.get_json("/healthz").await["status"] == json!("degraded")
+    })
+    .await;
+    let health = a.get_text("/healthz").await;
+    assert!(!health.contains(&redis.url()) || !redis.url().contains('@'));
+
+    // Redis comes back with its append-only file: the nodes load again and serve what it kept.
+    redis.run();
+    for node in [&a, &b] {
+        wait_available(node).await;
+        let reply = node.chat(&chat_body(REWORDED)).await;
+        assert_eq!(reply.cache(), "hit", "{:?}", reply.body);
+        assert_eq!(reply.content(), stored.content());
+    }
+    assert!(
+        a.get_json("/stats").await["shared_store"]["loads"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+
+    // Redis comes back having lost everything (no persistence, a new server): the nodes load
+    // again and serve nothing of what they held.
+    redis.kill();
+    redis.wipe();
+    redis.run();
+    upstream.set_mode(Mode::Status(500));
+    for node in [&a, &b] {
+        eventually("the node reloads the emptied store", || async {
+            let stats = node.get_json("/stats").await;
+            stats["shared_store"]["available"] == json!(true) && stats["entries"] == json!(0)
+        })
+        .await;
+        assert_not_served(node.chat(&chat_body(ASKED)).await);
+        assert_not_served(node.chat(&chat_body(REWORDED)).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_is_never_shown() {
+    const PASSWORD: &str = "s3cret-redis-passw0rd";
+    let upstream = TestUpstream::start().await;
+    let mut redis = Redis::start_with_password(Some(PASSWORD));
+    let data_dir = fresh_data_dir();
+    let process = spawn_binary(
+        &[
+            "--upstream",
+            &upstream.base_url(),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "debug"), ("SEMCACHE_STORE", &redis.url())],
+    );
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", process.addr);
+    eventually("the node loads", || async {
+        let stats: Value = client
+            .get(url("/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["shared_store"]["available"] == json!(true)
+    })
+    .await;
+    let ask = || async {
+        client
+            .post(url("/v1/chat/completions"))
+            .bearer_auth(KEY_A)
+            .json(&chat_body(ASKED))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    ask().await;
+    // Redis lost: errors are logged and shown in /healthz and /stats.
+    redis.kill();
+    ask().await;
+    let mut shown = Vec::new();
+    for path in ["/stats", "/healthz", "/metrics", "/admin/config", "/dashboard"] {
+        shown.push(client.get(url(path)).send().await.unwrap().text().await.unwrap());
+    }
+    assert!(shown[1].contains("degraded"), "{}", shown[1]);
+    let mut process = process;
+    let _ = process.child.kill();
+    let _ = process.child.wait();
+    let logs = process.output.lock().join("\n");
+    assert!(logs.contains("using a shared store"), "{logs}");
+    for text in shown.iter().chain([&logs]) {
+        assert!(!text.contains(PASSWORD), "the password leaked: {text}");
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_serves_as_a_proxy_then_joins() {
+    let upstream = TestUpstream::start().await;
+    let mut redis = Redis::start();
+    redis.kill();
+    let url = redis.url();
+    let early = Semcache::start_with(&upstream, |args| args.store = Some(url)).await;
+    let reply = early.chat(&chat_body(ASKED)).await;
+    assert_eq!((reply.status, reply.cache()), (200, "bypass"));
+    redis.run();
+    wait_available(&early).await;
+    assert_eq!(early.chat(&chat_body(ASKED)).await.cache(), "miss");
+    assert_eq!(early.chat(&chat_body(ASKED)).await.cache(), "hit");
+    let _ = redis.dir();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_entries_holds_across_the_cluster() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let a = node_with(&upstream, &redis, |args| args.max_entries = 5).await;
+    let b = node_with(&upstream, &redis, |args| args.max_entries = 5).await;
+    for i in 0..6 {
+        a.chat(&chat_body(&format!("Question number {i} about invoices")))
+            .await;
+        b.chat(&chat_body(&format!("Question number {i} about shipping")))
+            .await;
+    }
+    let count = redis.query(&["ZCARD", "semcache:ids"]).unwrap();
+    assert_eq!(count, redis::Value::Int(5));
+    eventually("the nodes drop what Redis evicted", || async {
+        a.get_json("/stats").await["entries"] == json!(5) && b.get_json("/stats").await["entries"] == json!(5)
+    })
+    .await;
+}
