@@ -139,6 +139,12 @@ impl Cache {
         }
     }
 
+    /// Why the shared store cannot be used now, if this cache has one that cannot.
+    pub fn unavailable(&self) -> Option<String> {
+        let shared = self.shared.as_ref()?;
+        (!shared.is_available()).then(|| shared.lost().unwrap_or_default())
+    }
+
     /// The store shared with other nodes, if this cache has one.
     pub fn shared(&self) -> Option<&Arc<RedisStore>> {
         self.shared.as_ref()
@@ -215,6 +221,10 @@ impl Cache {
             seen_len: OnceLock::new(),
             analysis: OnceLock::new(),
         });
+        if self.shared.as_ref().is_some_and(|shared| !shared.is_available()) {
+            // Redis went away since the lookup: nothing is kept that it has not acknowledged.
+            return entry;
+        }
         if let Some(writer) = &self.writer {
             let record = Box::new(record_of(&entry, embedding.clone()));
             if let Err(err) = writer.write(Op::Put(record)).await {

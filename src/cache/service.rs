@@ -128,6 +128,14 @@ impl Service {
             self.stats.record_bypass(model, tenant);
             return self.pass_through(call, body).await;
         };
+        if let Some(why) = self.cache.unavailable() {
+            // A shared store that cannot be reached (or is still loading): a plain proxy,
+            // whatever the request's controls, since nothing could be confirmed or kept.
+            tracing::debug!(%why, "shared store unavailable; forwarding without the cache");
+            self.stats.record_bypass(model, tenant);
+            self.stats.record_cache_failure();
+            return self.pass_through(call, body).await;
+        }
         let key = RequestKey::new(tenant, input.fingerprint, input.prompt);
 
         let mut ticket = Ticket {
@@ -232,7 +240,7 @@ impl Service {
         let (status, headers) = (reply.status, reply.headers.clone());
         let body = reply.bytes().await?;
         let entry = match protocol.storable(&body) {
-            Some(usage) => Some(miss.store(body.clone(), usage, upstream_started.elapsed()).await),
+            Some(usage) => miss.store(body.clone(), usage, upstream_started.elapsed()).await,
             None => None,
         };
         Ok(Served::Upstream {
@@ -419,8 +427,9 @@ impl InFlight {
     }
 
     /// Stores the answer, wakes coalesced waiters, and lets the index graph catch up in the
-    /// background. Returns the new entry's id.
-    async fn store(self, completion: Bytes, usage: super::Usage, latency: Duration) -> u64 {
+    /// background. Returns the new entry's id, if it is held (a shared store that did not
+    /// acknowledge it leaves it out).
+    async fn store(self, completion: Bytes, usage: super::Usage, latency: Duration) -> Option<u64> {
         let InFlight {
             ticket,
             embedding,
@@ -453,7 +462,7 @@ impl InFlight {
             upstream_latency: latency,
         };
         let entry = cache.insert(&key, embedding, answer, ttl).await;
-        let entry_id = entry.id;
+        let entry_id = cache.get(entry.id).map(|held| held.id);
         if let Some(flight) = flight {
             flight.complete(entry);
         }

@@ -98,6 +98,9 @@ fn entry_json(entry: &Entry, similarity: Option<f32>) -> Value {
         "model": entry.answer.model,
         "tenant": entry.tenant.short_hex(),
         "hits": entry.hits(),
+        "wrong_reports": entry.wrong_reports(),
+        // Raised by wrong-answer reports; null while the entry has none of its own.
+        "own_threshold": (entry.own_threshold() > 0.0).then(|| super::rounded(entry.own_threshold())),
         "created": rfc3339(created),
         "prompt_tokens": entry.answer.usage.prompt_tokens,
         "completion_tokens": entry.answer.usage.completion_tokens,

@@ -23,7 +23,11 @@ async fn shared_json(state: &AppState) -> Value {
     };
     let replication = &shared.replication;
     let lag = replication.lag_percentiles();
-    let cluster = shared.cluster_figures().await.ok().map(|figures| {
+    let cluster = match shared.is_available() {
+        true => shared.cluster_figures().await.ok(),
+        false => None,
+    };
+    let cluster = cluster.map(|figures| {
         let figure = |name: &str| figures.get(name).copied().unwrap_or(0.0);
         json!({
             "requests": figure("requests") as u64,

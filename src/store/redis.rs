@@ -12,7 +12,8 @@
 //!   Its lifetime is Redis's own expiry.
 //! - `x:EXACT`: the id of the entry stored for an exact key, with the same expiry.
 //! - `ids`: every entry id, ranked for eviction (LRU: last use; LFU: decayed hit count).
-//! - `log`: the change log (`put`, `del`, `fb`, `set`), trimmed to about [`LOG_LENGTH`].
+//! - `log`: the change log (`put`, `del`, `fb`, `set`), each line numbered from `seq`, trimmed
+//!   to about [`LOG_LENGTH`].
 //! - `meta`: format version, the embedder that made the vectors, the LFU epoch.
 //! - `settings`: the live settings; `l:EXACT`: a lease on an upstream call; `stats`: figures
 //!   summed over every node.
@@ -172,6 +173,7 @@ pub struct RedisStore {
     exact: Script,
     feedback: Script,
     settings: Script,
+    position: Script,
     release: Script,
 }
 
@@ -220,8 +222,9 @@ impl RedisStore {
             remove: Script::new(&scripts::remove()),
             confirm: Script::new(scripts::CONFIRM),
             exact: Script::new(scripts::EXACT),
-            feedback: Script::new(scripts::FEEDBACK),
-            settings: Script::new(scripts::SETTINGS),
+            feedback: Script::new(&scripts::feedback()),
+            settings: Script::new(&scripts::settings()),
+            position: Script::new(scripts::POSITION),
             release: Script::new(scripts::RELEASE),
         });
         tokio::spawn(drain(Arc::downgrade(&store), queued));
@@ -358,6 +361,7 @@ impl RedisStore {
             .feedback
             .key(self.keys.entry(id))
             .key(self.keys.named("log"))
+            .key(self.keys.named("seq"))
             .arg(id)
             .arg(counts.own_threshold.to_string())
             .arg(counts.wrong_reports)
@@ -491,6 +495,7 @@ impl RedisStore {
             .settings
             .key(self.keys.named("settings"))
             .key(self.keys.named("log"))
+            .key(self.keys.named("seq"))
             .arg(json)
             .arg(now_ms())
             .arg(LOG_LENGTH)
@@ -582,25 +587,20 @@ impl RedisStore {
         cache: &Weak<Cache>,
         settings: &SharedSettings,
         current: &EmbedderId,
-    ) -> Result<(MultiplexedConnection, String), Error> {
+    ) -> Result<(MultiplexedConnection, Position), Error> {
         let started = Instant::now();
         let mut conn = self.follower_connection().await?;
         self.check_meta(&mut conn, current).await?;
         // The position is taken before the load: every change made while it runs is applied
         // after it (changes are applied by id, so one seen twice does nothing more).
-        let last: Vec<(String, HashMap<String, Value>)> = redis::cmd("XREVRANGE")
-            .arg(self.keys.named("log"))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
+        let (id, line): (String, u64) = self
+            .position
+            .key(self.keys.named("log"))
+            .key(self.keys.named("seq"))
+            .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let position = last
-            .into_iter()
-            .next()
-            .map_or_else(|| "0-0".to_owned(), |(id, _)| id);
+        let position = Position { id, line };
         let saved: Option<String> = conn.get(self.keys.named("settings")).await.map_err(redis_error)?;
         if let Some(saved) = saved.as_deref().and_then(crate::settings::from_json) {
             settings.store(Arc::new(saved));
@@ -764,12 +764,12 @@ impl RedisStore {
         Ok(records)
     }
 
-    /// Applies the log from `position` until the connection fails or the log has been trimmed
-    /// past what was applied (then the caller loads everything again).
+    /// Applies the log from `position` until the connection fails or a line is missing (the
+    /// log was trimmed past what was applied: then the caller loads everything again).
     async fn tail(
         &self,
         mut conn: MultiplexedConnection,
-        mut position: String,
+        mut position: Position,
         cache: &Weak<Cache>,
         settings: &SharedSettings,
     ) -> Error {
@@ -782,50 +782,40 @@ impl RedisStore {
                 .arg(FOLLOW_BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&log)
-                .arg(&position)
+                .arg(&position.id)
                 .query_async(&mut conn)
                 .await;
             let Some(cache) = cache.upgrade() else {
                 return Error::WriterGone;
             };
-            let changes = match reply {
+            let changes: Vec<Change> = match reply {
                 Ok(Some(streams)) => streams.into_iter().flat_map(|(_, changes)| changes).collect(),
                 Ok(None) => Vec::new(),
                 Err(err) => return redis_error(err),
             };
-            if changes.is_empty() {
+            let Some((last, _)) = changes.last() else {
                 continue;
-            }
-            if let Err(err) = self.check_not_trimmed(&mut conn, &position).await {
-                return err;
-            }
-            if let Some((last, _)) = changes.last() {
-                position = last.clone();
+            };
+            let next = last.clone();
+            let mut line = position.line;
+            for (_, fields) in &changes {
+                let number = fields
+                    .iter()
+                    .find(|(name, _)| name == "n")
+                    .and_then(|(_, value)| redis::from_redis_value_ref::<u64>(value).ok());
+                if number != Some(line + 1) {
+                    return Error::Db(format!(
+                        "this node fell behind the change log (it expected line {}, the log goes on at {number:?}): loading everything again",
+                        line + 1
+                    ));
+                }
+                line += 1;
             }
             if let Err(err) = self.apply(&mut conn, &cache, settings, changes).await {
                 return err;
             }
+            position = Position { id: next, line };
         }
-    }
-
-    /// An error when changes after `position` were trimmed from the log before they were read.
-    async fn check_not_trimmed(&self, conn: &mut MultiplexedConnection, position: &str) -> Result<(), Error> {
-        let info: HashMap<String, Value> = redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(self.keys.named("log"))
-            .query_async(conn)
-            .await
-            .map_err(redis_error)?;
-        let deleted = info
-            .get("max-deleted-entry-id")
-            .and_then(|value| redis::from_redis_value_ref::<String>(value).ok())
-            .unwrap_or_else(|| "0-0".to_owned());
-        if stream_id(&deleted) > stream_id(position) {
-            return Err(Error::Db(format!(
-                "this node fell behind the change log (trimmed up to {deleted}, applied up to {position}): loading everything again"
-            )));
-        }
-        Ok(())
     }
 
     async fn apply(
@@ -891,16 +881,16 @@ impl RedisStore {
     }
 }
 
+/// Where a node is in the log: the id of the last line it applied and that line's number.
+struct Position {
+    id: String,
+    line: u64,
+}
+
 /// One change in the log: its id and fields.
 type Change = (String, Vec<(String, Value)>);
 /// `XREAD`'s reply: per stream, its changes.
 type ReadReply = Option<Vec<(String, Vec<Change>)>>;
-
-/// `"1700000000000-3"` as a pair that orders as Redis does.
-fn stream_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
 
 /// Whether `INFO server` names a Redis (or Valkey) of version 7.2 or later.
 fn server_has_waitaof(info: &str) -> bool {
@@ -1036,13 +1026,6 @@ mod tests {
         );
         assert_eq!(redacted("rediss://user:p@ss@host:6380"), "rediss://***@host:6380");
         assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
-
-    #[test]
-    fn stream_ids_order_as_redis_orders_them() {
-        assert!(stream_id("1700000000000-10") > stream_id("1700000000000-9"));
-        assert!(stream_id("1700000000001-0") > stream_id("1700000000000-99"));
-        assert_eq!(stream_id("0-0"), (0, 0));
     }
 
     #[test]

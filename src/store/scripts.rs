@@ -1,15 +1,28 @@
 //! The Lua scripts that change the shared store. Each runs atomically in Redis, so an entry,
 //! its exact key, its place in the eviction order and its line in the change log always agree.
 //!
+//! Every line of the log carries `n`, one more than the line before (the counter `seq`): a node
+//! that reads a line whose `n` is not the next it expects has missed lines (the log was trimmed
+//! past it) and loads everything again.
+//!
 //! Keys are built from the namespace prefix inside the scripts for entries other than the one
 //! named (victims, replaced entries): semcache uses a standalone Redis or Valkey (or one behind
 //! Sentinel), not Redis Cluster, where every key a script touches must be declared.
+
+/// Appends a change to the log, numbered.
+const LOG: &str = r"
+local function log_change(log, seq, maxlen, ...)
+  local n = redis.call('INCR', seq)
+  redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'n', n, ...)
+end
+";
 
 /// Removes one entry, its exact key (when it still names it) and its eviction rank; logs the
 /// removal when the entry was there (an entry Redis already expired is removed silently: every
 /// node drops it on its own when its lifetime ends).
 const DROP: &str = r"
 local prefix, ids, log, now, maxlen = ARGV[1], KEYS[1], KEYS[2], ARGV[2], ARGV[3]
+local seq = prefix .. 'seq'
 local function drop(id)
   local e = prefix .. 'e:' .. id
   local x = redis.call('HGET', e, 'x')
@@ -20,7 +33,7 @@ local function drop(id)
     if redis.call('GET', xk) == id then redis.call('DEL', xk) end
   end
   if n == 1 then
-    redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'op', 'del', 'id', id, 'ms', now)
+    log_change(log, seq, maxlen, 'op', 'del', 'id', id, 'ms', now)
   end
   return n
 end
@@ -32,7 +45,7 @@ end
 /// evicted.
 pub fn put() -> String {
     format!(
-        "{DROP}{}",
+        "{LOG}{DROP}{}",
         r"
 local id = ARGV[4]
 local old = redis.call('GET', KEYS[4])
@@ -46,7 +59,7 @@ else
   redis.call('SET', KEYS[4], id)
 end
 redis.call('ZADD', ids, ARGV[9], id)
-redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'op', 'put', 'id', id, 'ms', now)
+log_change(log, seq, maxlen, 'op', 'put', 'id', id, 'ms', now)
 redis.call('DEL', KEYS[5])
 local max, evicted = tonumber(ARGV[10]), 0
 if max > 0 then
@@ -68,7 +81,7 @@ return evicted
 /// Removes those of the ids that belong to the tenant. Returns how many were removed.
 pub fn remove() -> String {
     format!(
-        "{DROP}{}",
+        "{LOG}{DROP}{}",
         r"
 local tenant, removed = ARGV[4], 0
 for i = 5, #ARGV do
@@ -113,23 +126,43 @@ return {id, fields[1], fields[2], fields[3], fields[4], fields[5]}
 /// The fields read back for an entry, in this order.
 pub const FIELDS: [&str; 5] = ["r", "h", "l", "th", "w"];
 
-/// KEYS: entry, log. ARGV: id, own threshold, wrong reports, now, maxlen. Saves feedback on an
-/// entry that is still there and logs it when it changed; returns whether the entry is there.
-pub const FEEDBACK: &str = r"
+/// KEYS: entry, log, seq. ARGV: id, own threshold, wrong reports, now, maxlen. Saves feedback
+/// on an entry that is still there and logs it when it changed; returns whether the entry is
+/// there.
+pub fn feedback() -> String {
+    format!(
+        "{LOG}{}",
+        r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local old = redis.call('HMGET', KEYS[1], 'th', 'w')
 if old[1] ~= ARGV[2] or old[2] ~= ARGV[3] then
   redis.call('HSET', KEYS[1], 'th', ARGV[2], 'w', ARGV[3])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'op', 'fb', 'id', ARGV[1], 'th', ARGV[2], 'w', ARGV[3], 'ms', ARGV[4])
+  log_change(KEYS[2], KEYS[3], ARGV[5], 'op', 'fb', 'id', ARGV[1], 'th', ARGV[2], 'w', ARGV[3], 'ms', ARGV[4])
 end
 return 1
-";
+"
+    )
+}
 
-/// KEYS: settings, log. ARGV: settings JSON, now, maxlen.
-pub const SETTINGS: &str = r"
+/// KEYS: settings, log, seq. ARGV: settings JSON, now, maxlen.
+pub fn settings() -> String {
+    format!(
+        "{LOG}{}",
+        r"
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'op', 'set', 'settings', ARGV[1], 'ms', ARGV[2])
+log_change(KEYS[2], KEYS[3], ARGV[3], 'op', 'set', 'settings', ARGV[1], 'ms', ARGV[2])
 return 1
+"
+    )
+}
+
+/// KEYS: log, seq. Where a node starts following the log: the id of its last line ('0-0' when
+/// it is empty: every later line is new) and that line's number.
+pub const POSITION: &str = r"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local seq = redis.call('GET', KEYS[2]) or '0'
+if #last == 0 then return {'0-0', seq} end
+return {last[1][1], seq}
 ";
 
 /// KEYS: lease. ARGV: token. Ends a lease that is still ours.

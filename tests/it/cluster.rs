@@ -336,6 +336,40 @@ async fn operator_changes_through_one_node_apply_on_every_node() {
     }
     upstream.set_mode(Mode::Normal);
 
+    // A wrong answer served by meaning on B raises the entry's own threshold on A as well.
+    a.chat(&chat_body("How do I cancel my subscription?")).await;
+    wait_applied(&b, applied(&a).await).await;
+    let served = b.chat(&chat_body("How can I cancel my subscription?")).await;
+    assert_eq!(served.cache(), "hit");
+    let similarity = served.similarity();
+    let id: u64 = served.header("x-semcache-entry").unwrap().parse().unwrap();
+    let reported = http
+        .post(b.url("/v1/semcache/feedback"))
+        .bearer_auth(KEY_A)
+        .json(&json!({"entry_id": id, "correct": false, "similarity": similarity}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reported.status(), 200);
+    eventually("A applies the raised threshold", || async {
+        a.get_json("/admin/entries").await["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|entry| entry["id"] == json!(id) && entry["wrong_reports"] == json!(1))
+    })
+    .await;
+    upstream.set_mode(Mode::Status(500));
+    assert_not_served(a.chat(&chat_body("How can I cancel my subscription?")).await);
+    upstream.set_mode(Mode::Normal);
+    assert_eq!(
+        a.chat(&chat_body("How do I cancel my subscription?"))
+            .await
+            .cache(),
+        "hit",
+        "the exact prompt still hits"
+    );
+
     // Invalidation through B removes what A stored, on A and C.
     a.chat(&chat_body("Do you ship to Norway?")).await;
     wait_applied(&b, applied(&a).await).await;
@@ -681,4 +715,205 @@ async fn max_entries_holds_across_the_cluster() {
         a.get_json("/stats").await["entries"] == json!(5) && b.get_json("/stats").await["entries"] == json!(5)
     })
     .await;
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with `openssl` in `dir`.
+fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=semcache test CA",
+    ]
+    .into_iter()
+    .chain(["-keyout", "ca.key", "-out", "ca.pem"])
+    .collect::<Vec<_>>());
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls_to_redis() {
+    let upstream = TestUpstream::start().await;
+    let dir = fresh_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let _removed = RemovedOnDrop(dir.clone());
+    certificates(&dir);
+    let port = free_port();
+    let mut server = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+        ])
+        .args(["--tls-auth-clients", "no", "--save", "", "--daemonize", "no"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not listen for TLS");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data_dir = dir.join("node");
+    let store = format!("rediss://127.0.0.1:{port}");
+    let ca = dir.join("ca.pem");
+    let node = |trusted: bool| {
+        let mut envs = vec![("RUST_LOG", "info"), ("SEMCACHE_STORE", store.as_str())];
+        if trusted {
+            envs.push(("SSL_CERT_FILE", ca.to_str().unwrap()));
+        }
+        spawn_binary(
+            &[
+                "--upstream",
+                &upstream.base_url(),
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+            ],
+            &envs,
+        )
+    };
+    let client = reqwest::Client::new();
+    let ask = |addr: std::net::SocketAddr| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .bearer_auth(KEY_A)
+                .json(&chat_body(ASKED))
+                .send()
+                .await
+                .unwrap();
+            response.headers()["x-semcache"].to_str().unwrap().to_owned()
+        }
+    };
+    // With the CA trusted, the node loads over TLS and caches.
+    let trusted = node(true);
+    eventually("the node loads over TLS", || async {
+        let stats: Value = client
+            .get(format!("http://{}/stats", trusted.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["shared_store"]["available"] == json!(true)
+    })
+    .await;
+    assert_eq!(ask(trusted.addr).await, "miss");
+    assert_eq!(ask(trusted.addr).await, "hit");
+    drop(trusted);
+    // A server whose certificate is not trusted is never used: a plain proxy, saying why.
+    let untrusted = node(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ask(untrusted.addr).await, "bypass");
+    let health: Value = client
+        .get(format!("http://{}/healthz", untrusted.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], json!("degraded"), "{health}");
+    drop(untrusted);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_trimmed_log_loads_everything_again() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let a = node(&upstream, &redis).await;
+    let b = node(&upstream, &redis).await;
+    let stored = a.chat(&chat_body(ASKED)).await;
+    let id = stored.header("x-semcache-entry").unwrap().to_owned();
+    wait_applied(&b, 1).await;
+    let loads = |stats: &Value| stats["shared_store"]["loads"].as_u64().unwrap();
+    let before = loads(&b.get_json("/stats").await);
+    assert_eq!(b.get_json("/stats").await["entries"], json!(1));
+
+    // A change no node can read: the entry removed, and its line trimmed from the log at once.
+    // (Numbered as semcache numbers every line, so that the gap is one a node can see.)
+    let script = "redis.call('DEL', KEYS[1]) \
+                  local n = redis.call('INCR', KEYS[3]) \
+                  redis.call('XADD', KEYS[2], '*', 'n', n, 'op', 'del', 'id', ARGV[1], 'ms', '0') \
+                  redis.call('XTRIM', KEYS[2], 'MAXLEN', 0) return 1";
+    let entry = format!("semcache:e:{id}");
+    redis
+        .query(&["EVAL", script, "3", &entry, "semcache:log", "semcache:seq", &id])
+        .unwrap();
+    // The next change shows B that it fell behind: it loads everything again, and the removed
+    // entry is gone from its replica.
+    a.chat(&chat_body("Can I get a copy of last month's invoice?"))
+        .await;
+    eventually("B loads again without the removed entry", || async {
+        let stats = b.get_json("/stats").await;
+        loads(&stats) > before && stats["entries"] == json!(1)
+    })
+    .await;
+    let listed = b.get_json("/admin/entries").await;
+    assert!(listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|entry| entry["id"] != json!(id.parse::<u64>().unwrap())));
 }
