@@ -48,6 +48,10 @@ const FOLLOW_BLOCK: Duration = Duration::from_millis(500);
 /// that recent hits outweigh old ones without rewriting every rank.
 const LFU_HALF_LIFE_MS: f64 = 24.0 * 3600.0 * 1000.0;
 
+/// Most doublings of the LFU increment: 2^1000 leaves room for many hits before a rank
+/// overflows an f64.
+const LFU_MAX_DOUBLINGS: f64 = 1000.0;
+
 /// Replication lags kept for the percentiles in `/stats`.
 const LAGS_KEPT: usize = 1024;
 
@@ -262,7 +266,9 @@ impl RedisStore {
 
     fn lfu_increment(&self, now: u64) -> f64 {
         let age = now.saturating_sub(self.epoch_ms.load(Ordering::Relaxed)) as f64;
-        (age / LFU_HALF_LIFE_MS).exp2()
+        // Capped so that ranks stay finite: past about 2.7 years a namespace's LFU stops
+        // favouring recent hits over old ones (ranks are not rescaled).
+        (age / LFU_HALF_LIFE_MS).min(LFU_MAX_DOUBLINGS).exp2()
     }
 
     fn score(&self, now: u64) -> f64 {

@@ -6,8 +6,8 @@
 //! past it) and loads everything again.
 //!
 //! Keys are built from the namespace prefix inside the scripts for entries other than the one
-//! named (victims, replaced entries): semcache uses a standalone Redis or Valkey (or one behind
-//! Sentinel), not Redis Cluster, where every key a script touches must be declared.
+//! named (victims, replaced entries): semcache uses a standalone Redis or Valkey, not Redis
+//! Cluster, where every key a script touches must be declared.
 
 /// Appends a change to the log, numbered.
 const LOG: &str = r"
