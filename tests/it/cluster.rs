@@ -917,3 +917,18 @@ async fn a_node_behind_the_trimmed_log_loads_everything_again() {
         .iter()
         .all(|entry| entry["id"] != json!(id.parse::<u64>().unwrap())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_keep_caches_on_one_redis_apart() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let one = node_with(&upstream, &redis, |args| args.namespace = "one".into()).await;
+    let two = node_with(&upstream, &redis, |args| args.namespace = "two".into()).await;
+    let stored = one.chat(&chat_body(ASKED)).await;
+    assert_eq!(one.chat(&chat_body(ASKED)).await.cache(), "hit");
+    let other = two.chat(&chat_body(ASKED)).await;
+    assert_eq!(other.cache(), "miss", "another namespace is another cache");
+    assert_ne!(other.content(), stored.content());
+    assert_eq!(redis.query(&["ZCARD", "one:ids"]).unwrap(), redis::Value::Int(1));
+    assert_eq!(redis.query(&["ZCARD", "two:ids"]).unwrap(), redis::Value::Int(1));
+}
