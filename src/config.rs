@@ -40,6 +40,10 @@ pub enum EvalCommand {
     /// Intent-labelled queries, CSV `text,category`: store every training query, ask every test
     /// query; report hit rate and the share of hits with another intent.
     Intents(EvalIntentsArgs),
+    /// Labelled pairs of chats, JSONL `{"id", "kind", "should_hit", "stored": [messages],
+    /// "asked": [messages]}`: store the answer to `stored`, ask `asked`; report should-hit
+    /// pairs and traps served, per kind and per threshold.
+    Conversations(EvalConversationsArgs),
 }
 
 /// Which model runs, and how.
@@ -107,6 +111,14 @@ pub struct EvalOptions {
 #[derive(Debug, Clone, Parser)]
 pub struct EvalPairsArgs {
     /// JSONL file of labelled pairs.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub options: EvalOptions,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct EvalConversationsArgs {
+    /// JSONL file of labelled conversation pairs (e.g. tests/data/conversations.jsonl).
     pub file: PathBuf,
     #[command(flatten)]
     pub options: EvalOptions,

@@ -21,6 +21,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Eval(EvalCommand::Intents(args)) => {
             eval_intents(&args.train, &args.test, &args.options).await
         }
+        Command::Eval(EvalCommand::Conversations(args)) => {
+            eval_conversations(&args.file, &args.options).await
+        }
         Command::Calibrate(args) => calibrate(args).await,
     }
 }
@@ -91,6 +94,27 @@ async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyho
         test.display()
     );
     print!("{}", eval::intents_table(&report, options.threshold));
+    Ok(())
+}
+
+async fn eval_conversations(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
+    let pairs = eval::sample(eval::read_conversations(file)?, options.sample, options.seed);
+    let embedder = load_model(&options.model).await?;
+    let grid = options.thresholds.clone().with(options.threshold);
+    let report = eval::eval_conversations(&embedder, &pairs, &grid).await?;
+    let title = format!("{} ({} conversation pairs)", file.display(), report.pairs);
+    if plot_or_json(options, &title, &eval::conversations_series(&report), &report)? {
+        return Ok(());
+    }
+    println!(
+        "{} conversation pairs from {}: {} should hit, {} traps; context compared {}.\n",
+        report.pairs,
+        file.display(),
+        report.should_hit,
+        report.traps,
+        report.context
+    );
+    print!("{}", eval::conversations_table(&report, options.threshold));
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 //! similar candidate that passes the checks, so at a higher threshold it serves the same entry
 //! if that entry is still above it, and nothing otherwise.
 
+mod conversations;
 mod data;
 mod plot;
 
@@ -17,6 +18,10 @@ use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+pub use conversations::{
+    conversations_series, conversations_table, eval_conversations, read_conversations, ConversationPair,
+    ConversationsReport, ConversationsRow, Kind,
+};
 pub use data::{read_intents, read_pairs, sample, Intent, Pair};
 pub use plot::{plot, Series};
 

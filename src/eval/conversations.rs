@@ -1,0 +1,308 @@
+//! Conversations: pairs of chats labelled by whether the answer stored for one may be served
+//! to the other, in six kinds (three that should hit, three traps). Each side goes through the
+//! chat completions protocol exactly as a request would (`ChatRequest::parse`, `cache_input`),
+//! so what decides the outcome is what the server keys on: the context fingerprint and the
+//! last user message.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    answer, embed_all, look_up_all, percent, ratio, served_at, verified_and_plain, AtThreshold, Grid, Series,
+};
+use crate::cache::{Cache, Digest32, RequestKey, TenantId};
+use crate::embed::{Embedder, Error as EmbedError};
+use crate::openai::ChatRequest;
+
+/// What a pair tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Should hit: the same conversation in other words.
+    Reworded,
+    /// Should hit: history that does not bear on the request (small talk, a settled topic).
+    IrrelevantHistory,
+    /// Should hit: extra chatter around the same request.
+    ExtraChatter,
+    /// Trap: the same last message after another subject.
+    ContextSwap,
+    /// Trap: one detail of an earlier turn differs (a date, amount, product, account…).
+    DetailSwap,
+    /// Trap: the intent flips in an earlier turn ("don't cancel, just pause").
+    IntentFlip,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Reworded,
+        Kind::IrrelevantHistory,
+        Kind::ExtraChatter,
+        Kind::ContextSwap,
+        Kind::DetailSwap,
+        Kind::IntentFlip,
+    ];
+
+    pub fn should_hit(self) -> bool {
+        matches!(
+            self,
+            Kind::Reworded | Kind::IrrelevantHistory | Kind::ExtraChatter
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Reworded => "reworded",
+            Kind::IrrelevantHistory => "irrelevant_history",
+            Kind::ExtraChatter => "extra_chatter",
+            Kind::ContextSwap => "context_swap",
+            Kind::DetailSwap => "detail_swap",
+            Kind::IntentFlip => "intent_flip",
+        }
+    }
+}
+
+/// Two chats: the answer to `stored` is in the cache, `asked` comes in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConversationPair {
+    pub id: String,
+    pub kind: Kind,
+    pub should_hit: bool,
+    #[serde(default)]
+    pub domain: String,
+    #[serde(default)]
+    pub note: String,
+    /// OpenAI chat messages, ending with the request's user message.
+    pub stored: Vec<serde_json::Value>,
+    pub asked: Vec<serde_json::Value>,
+}
+
+impl ConversationPair {
+    /// The chat completion request a client would send for one side.
+    fn request(messages: &[serde_json::Value]) -> serde_json::Value {
+        serde_json::json!({"model": "gpt-4o-mini", "messages": messages})
+    }
+}
+
+/// Reads JSONL conversation pairs, checking each: its label agrees with its kind, and both
+/// sides are chat requests the server would cache.
+pub fn read_conversations(path: &Path) -> anyhow::Result<Vec<ConversationPair>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read conversation pairs from {}", path.display()))?;
+    let mut pairs = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+    {
+        let at = || format!("{}:{}", path.display(), n + 1);
+        let pair: ConversationPair = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}: expected {{\"id\", \"kind\", \"should_hit\", \"stored\": [messages], \"asked\": [messages]}}",
+                at()
+            )
+        })?;
+        anyhow::ensure!(
+            pair.should_hit == pair.kind.should_hit(),
+            "{}: kind {} says should_hit is {}",
+            at(),
+            pair.kind.name(),
+            pair.kind.should_hit()
+        );
+        for (side, messages) in [("stored", &pair.stored), ("asked", &pair.asked)] {
+            let body = serde_json::to_vec(&ConversationPair::request(messages))?;
+            let request = ChatRequest::parse(&body)
+                .map_err(|invalid| anyhow::anyhow!("{}: {side}: {}", at(), invalid.message))?;
+            anyhow::ensure!(
+                request.cache_input().is_some(),
+                "{}: {side} is not a request the cache keys",
+                at()
+            );
+        }
+        pairs.push(pair);
+    }
+    anyhow::ensure!(
+        !pairs.is_empty(),
+        "{} holds no conversation pairs",
+        path.display()
+    );
+    Ok(pairs)
+}
+
+/// One threshold's result on conversation pairs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConversationsRow {
+    pub threshold: f32,
+    /// Pairs that should hit and were served.
+    pub should_hit_served: usize,
+    /// Traps served (wrong answers).
+    pub traps_served: usize,
+    pub should_hit_rate: f64,
+    pub trap_rate: f64,
+    /// Pairs served, per kind.
+    pub served_by_kind: BTreeMap<&'static str, usize>,
+}
+
+impl AtThreshold for ConversationsRow {
+    fn threshold(&self) -> f32 {
+        self.threshold
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConversationsReport {
+    pub pairs: usize,
+    pub should_hit: usize,
+    pub traps: usize,
+    /// Pairs of each kind.
+    pub by_kind: BTreeMap<&'static str, usize>,
+    /// How the context was compared: `exact` (today's keying).
+    pub context: &'static str,
+    pub plain: Vec<ConversationsRow>,
+    pub verified: Vec<ConversationsRow>,
+}
+
+/// Stores each pair's `stored` side and asks its `asked` side, each pair under a tenant of its
+/// own (so only its partner can answer it), keyed as the server keys chat requests.
+pub async fn eval_conversations(
+    embedder: &Arc<dyn Embedder>,
+    pairs: &[ConversationPair],
+    grid: &Grid,
+) -> Result<ConversationsReport, EmbedError> {
+    let key_of = |i: usize, messages: &[serde_json::Value]| {
+        let body = serde_json::to_vec(&ConversationPair::request(messages)).expect("JSON");
+        let input = ChatRequest::parse(&body)
+            .ok()
+            .and_then(|request| request.cache_input())
+            .expect("read_conversations checked every side");
+        let tenant = TenantId(Digest32::of(
+            "semcache/eval/conversation",
+            &[&(i as u64).to_le_bytes()],
+        ));
+        RequestKey::new(tenant, input.fingerprint, input.prompt)
+    };
+    let keys: Vec<(RequestKey, RequestKey)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, pair)| (key_of(i, &pair.stored), key_of(i, &pair.asked)))
+        .collect();
+    let texts = keys
+        .iter()
+        .flat_map(|(stored, asked)| [stored.prompt.clone(), asked.prompt.clone()])
+        .collect();
+    let mut vectors = embed_all(embedder, texts).await?.into_iter();
+    let cache = Cache::new(Arc::clone(embedder), crate::cache::Config::default());
+    let mut item_of = HashMap::new();
+    let mut queries = Vec::with_capacity(pairs.len());
+    for (i, (stored, asked)) in keys.into_iter().enumerate() {
+        let (a, b) = (vectors.next(), vectors.next());
+        let entry = cache.insert(&stored, a, answer(), None).await;
+        item_of.insert(entry.id, i);
+        queries.push((asked, b.expect("two vectors per pair")));
+    }
+    let outcomes = look_up_all(&cache, &queries, &item_of, grid.lowest());
+
+    let should_hit = pairs.iter().filter(|pair| pair.should_hit).count();
+    let traps = pairs.len() - should_hit;
+    let rows = |verified: bool| {
+        grid.thresholds()
+            .map(|threshold| {
+                let mut served_by_kind: BTreeMap<&'static str, usize> =
+                    Kind::ALL.iter().map(|kind| (kind.name(), 0)).collect();
+                for (pair, outcome) in pairs.iter().zip(outcomes.of(verified)) {
+                    if served_at(*outcome, threshold).is_some() {
+                        *served_by_kind.entry(pair.kind.name()).or_default() += 1;
+                    }
+                }
+                let served = |hit: bool| -> usize {
+                    Kind::ALL
+                        .iter()
+                        .filter(|kind| kind.should_hit() == hit)
+                        .map(|kind| served_by_kind[kind.name()])
+                        .sum()
+                };
+                let (good, bad) = (served(true), served(false));
+                ConversationsRow {
+                    threshold,
+                    should_hit_served: good,
+                    traps_served: bad,
+                    should_hit_rate: ratio(good, should_hit),
+                    trap_rate: ratio(bad, traps),
+                    served_by_kind,
+                }
+            })
+            .collect()
+    };
+    let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for pair in pairs {
+        *by_kind.entry(pair.kind.name()).or_default() += 1;
+    }
+    Ok(ConversationsReport {
+        pairs: pairs.len(),
+        should_hit,
+        traps,
+        by_kind,
+        context: "exact",
+        plain: rows(false),
+        verified: rows(true),
+    })
+}
+
+/// Should-hit pairs and traps served per threshold (verified, as the server serves by
+/// default; the threshold alone in brackets), then each kind at `default`.
+pub fn conversations_table(report: &ConversationsReport, default: f32) -> String {
+    let mut out = String::from(
+        "| threshold | should-hit served | traps served | should-hit served, threshold alone | traps served, threshold alone |\n\
+         |---|---|---|---|---|\n",
+    );
+    for (plain, verified) in report.plain.iter().zip(&report.verified) {
+        let mark = if (plain.threshold - default).abs() < 1e-4 {
+            "**"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "| {mark}{:.2}{mark} | {} | {} | {} | {} |\n",
+            plain.threshold,
+            percent(verified.should_hit_rate),
+            percent(verified.trap_rate),
+            percent(plain.should_hit_rate),
+            percent(plain.trap_rate),
+        ));
+    }
+    let at_default = report
+        .verified
+        .iter()
+        .find(|row| (row.threshold - default).abs() < 1e-4);
+    if let Some(row) = at_default {
+        out.push_str(&format!(
+            "\nAt {default:.2}, verified, per kind:\n\n| kind | pairs | served |\n|---|---|---|\n"
+        ));
+        for kind in Kind::ALL {
+            let pairs = report.by_kind.get(kind.name()).copied().unwrap_or(0);
+            let served = row.served_by_kind.get(kind.name()).copied().unwrap_or(0);
+            let label = if kind.should_hit() { "should hit" } else { "trap" };
+            out.push_str(&format!(
+                "| {} ({label}) | {pairs} | {} ({served}) |\n",
+                kind.name(),
+                percent(ratio(served, pairs))
+            ));
+        }
+    }
+    out
+}
+
+/// Should-hit and trap shares served against the threshold, without and with verification.
+pub fn conversations_series(report: &ConversationsReport) -> Vec<Series> {
+    verified_and_plain(
+        &report.plain,
+        &report.verified,
+        [
+            ("should-hit pairs served", |r| r.should_hit_rate),
+            ("traps served", |r| r.trap_rate),
+        ],
+    )
+}
