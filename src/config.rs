@@ -421,3 +421,35 @@ impl ServeArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(extra: &[&str]) -> Result<(), String> {
+        let mut args = vec!["serve"];
+        args.extend_from_slice(extra);
+        ServeArgs::parse_from(args).validate()
+    }
+
+    #[test]
+    fn bad_stores_and_namespaces_are_refused_without_showing_the_password() {
+        assert_eq!(serve(&["--store", "redis://127.0.0.1:6379/0"]), Ok(()));
+        assert_eq!(serve(&["--store", "rediss://:pw@cache.internal:6380"]), Ok(()));
+        let err = serve(&["--store", "http://:hunter2secret@10.0.0.1:6379"]).unwrap_err();
+        assert!(
+            err.contains("redis://") && !err.contains("hunter2secret"),
+            "{err}"
+        );
+        let err = serve(&["--store", "redis://:hunter2secret@[::1:6379"]).unwrap_err();
+        assert!(
+            err.contains("not a valid Redis URL") && !err.contains("hunter2secret"),
+            "{err}"
+        );
+        assert!(serve(&["--namespace", "a b"])
+            .unwrap_err()
+            .contains("--namespace"));
+        assert!(serve(&["--namespace", ""]).is_err());
+        assert!(serve(&["--lease-ms", "0"]).is_err());
+    }
+}
