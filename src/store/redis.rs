@@ -246,10 +246,15 @@ impl RedisStore {
     /// Marks the store unusable (requests go through as through a plain proxy) until the next
     /// successful load.
     fn fail(&self, why: String) {
-        if self.available.swap(false, Ordering::SeqCst) {
+        let was_available = self.available.swap(false, Ordering::SeqCst);
+        let mut problem = self.problem.lock();
+        if was_available {
             tracing::error!(error = %why, "lost the shared store: serving as a plain proxy until it is back");
+        } else if problem.as_deref() != Some(why.as_str()) {
+            // Said once per reason, not at every retry.
+            tracing::error!(error = %why, "cannot use the shared store: serving as a plain proxy, retrying");
         }
-        *self.problem.lock() = Some(why);
+        *problem = Some(why);
     }
 
     fn failed<T>(&self, err: redis::RedisError) -> Result<T, Error> {

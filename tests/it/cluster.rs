@@ -932,3 +932,30 @@ async fn namespaces_keep_caches_on_one_redis_apart() {
     assert_eq!(redis.query(&["ZCARD", "one:ids"]).unwrap(), redis::Value::Int(1));
     assert_eq!(redis.query(&["ZCARD", "two:ids"]).unwrap(), redis::Value::Int(1));
 }
+
+#[cfg(feature = "candle")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_whose_vectors_another_embedder_made_is_not_used() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let first = node(&upstream, &redis).await;
+    first.chat(&chat_body(ASKED)).await;
+    let url = redis.url();
+    let other = Semcache::start_with_embedder(
+        &upstream,
+        crate::support::embedder_on(semcache::embed::Backend::Candle),
+        |args| args.store = Some(url),
+    )
+    .await;
+    eventually("the other node says why it cannot use the store", || async {
+        let health = other.get_json("/healthz").await;
+        health["status"] == json!("degraded")
+            && health["store"].as_str().is_some_and(|why| why.contains("holds vectors made by"))
+    })
+    .await;
+    let health = other.get_json("/healthz").await;
+    let why = health["store"].as_str().unwrap();
+    assert!(why.contains("candle") && why.contains("onnx"), "names both embedders: {why}");
+    assert_eq!(other.chat(&chat_body(ASKED)).await.cache(), "bypass");
+    assert_eq!(first.chat(&chat_body(ASKED)).await.cache(), "hit", "the first node is unaffected");
+}
