@@ -950,12 +950,21 @@ async fn a_namespace_whose_vectors_another_embedder_made_is_not_used() {
     eventually("the other node says why it cannot use the store", || async {
         let health = other.get_json("/healthz").await;
         health["status"] == json!("degraded")
-            && health["store"].as_str().is_some_and(|why| why.contains("holds vectors made by"))
+            && health["store"]
+                .as_str()
+                .is_some_and(|why| why.contains("holds vectors made by"))
     })
     .await;
     let health = other.get_json("/healthz").await;
     let why = health["store"].as_str().unwrap();
-    assert!(why.contains("candle") && why.contains("onnx"), "names both embedders: {why}");
+    assert!(
+        why.contains("candle") && why.contains("onnx"),
+        "names both embedders: {why}"
+    );
     assert_eq!(other.chat(&chat_body(ASKED)).await.cache(), "bypass");
-    assert_eq!(first.chat(&chat_body(ASKED)).await.cache(), "hit", "the first node is unaffected");
+    assert_eq!(
+        first.chat(&chat_body(ASKED)).await.cache(),
+        "hit",
+        "the first node is unaffected"
+    );
 }
