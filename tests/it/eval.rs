@@ -168,3 +168,68 @@ fn bad_data_gets_a_clear_error() {
     assert!(!bad_grid.status.success());
     assert!(String::from_utf8_lossy(&bad_grid.stderr).contains("empty range"));
 }
+
+/// One pair of each kind, written for this test (the labelled suite is a separate file).
+const CONVERSATION_PAIRS: &str = r#"{"id": "t1", "kind": "reworded", "should_hit": true, "domain": "telecom", "stored": [{"role": "system", "content": "You are a mobile operator's support assistant."}, {"role": "user", "content": "My plan is Unlimited 5G."}, {"role": "assistant", "content": "Thanks, I can see your Unlimited 5G plan."}, {"role": "user", "content": "How do I turn on roaming?"}], "asked": [{"role": "system", "content": "You are a mobile operator's support assistant."}, {"role": "user", "content": "I'm on the Unlimited 5G plan."}, {"role": "assistant", "content": "Got it, Unlimited 5G."}, {"role": "user", "content": "How can I switch roaming on?"}]}
+{"id": "t2", "kind": "irrelevant_history", "should_hit": true, "domain": "retail", "stored": [{"role": "system", "content": "You are a shop's support assistant."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "How do I reset my password?"}], "asked": [{"role": "system", "content": "You are a shop's support assistant."}, {"role": "user", "content": "How long does shipping to Spain take?"}, {"role": "assistant", "content": "Usually 3 to 5 working days."}, {"role": "user", "content": "How can I reset my password?"}]}
+{"id": "t3", "kind": "extra_chatter", "should_hit": true, "domain": "banking", "stored": [{"role": "system", "content": "You are a bank's support assistant."}, {"role": "user", "content": "Where can I see my IBAN?"}, {"role": "assistant", "content": "In the app, under Account details."}, {"role": "user", "content": "Can I order a new debit card?"}], "asked": [{"role": "system", "content": "You are a bank's support assistant."}, {"role": "user", "content": "Hello there! Where can I see my IBAN please?"}, {"role": "assistant", "content": "Hi! In the app, under Account details."}, {"role": "user", "content": "Great, thanks a lot. Can I order a new debit card?"}]}
+{"id": "t4", "kind": "context_swap", "should_hit": false, "domain": "subscriptions", "stored": [{"role": "user", "content": "I want to stop my streaming plan."}, {"role": "assistant", "content": "I can cancel your streaming plan now. Shall I?"}, {"role": "user", "content": "Yes, cancel it."}], "asked": [{"role": "user", "content": "I want to stop my gym membership."}, {"role": "assistant", "content": "I can cancel your gym membership now. Shall I?"}, {"role": "user", "content": "Yes, cancel it."}]}
+{"id": "t5", "kind": "detail_swap", "should_hit": false, "domain": "travel", "stored": [{"role": "user", "content": "I booked a room for March 3."}, {"role": "assistant", "content": "I found your booking."}, {"role": "user", "content": "Is breakfast included?"}], "asked": [{"role": "user", "content": "I booked a room for March 4."}, {"role": "assistant", "content": "I found your booking."}, {"role": "user", "content": "Is breakfast included?"}]}
+{"id": "t6", "kind": "intent_flip", "should_hit": false, "domain": "subscriptions", "stored": [{"role": "user", "content": "Please cancel my subscription."}, {"role": "assistant", "content": "Understood."}, {"role": "user", "content": "What happens to my data?"}], "asked": [{"role": "user", "content": "Don't cancel my subscription, just pause it."}, {"role": "assistant", "content": "Understood."}, {"role": "user", "content": "What happens to my data?"}]}
+"#;
+
+/// Pairs go through the chat protocol's own keying: today's exact context serves none of the
+/// traps, and of the follow-ups only those whose earlier turns are the same word for word.
+#[tokio::test]
+async fn conversation_pairs_are_keyed_as_the_server_keys_chats() {
+    let guard = RemovedOnDrop(fresh_data_dir());
+    std::fs::create_dir_all(&guard.0).unwrap();
+    let file = guard.0.join("conversations.jsonl");
+    std::fs::write(&file, CONVERSATION_PAIRS).unwrap();
+    let pairs = eval::read_conversations(&file).unwrap();
+    assert_eq!(pairs.len(), 6);
+    let grid = Grid::parse("0.70:0.98:0.02").unwrap().with(0.82);
+    let report = eval::eval_conversations(&embedder(), &pairs, &grid)
+        .await
+        .unwrap();
+    assert_eq!((report.should_hit, report.traps, report.context), (3, 3, "exact"));
+    let at = |rows: &[eval::ConversationsRow]| {
+        rows.iter()
+            .find(|row| (row.threshold - 0.70).abs() < 1e-4)
+            .cloned()
+            .unwrap()
+    };
+    for row in [at(&report.plain), at(&report.verified)] {
+        assert_eq!(row.traps_served, 0, "exact context serves no trap: {row:?}");
+        // Only the pair whose history is word for word the same keeps its context.
+        assert_eq!(row.served_by_kind["reworded"], 0, "{row:?}");
+        assert_eq!(row.served_by_kind["irrelevant_history"], 0, "{row:?}");
+    }
+
+    let output = semcache(&["eval", "conversations", file.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        table.contains("6 conversation pairs") && table.contains("context compared exact"),
+        "{table}"
+    );
+    assert!(table.contains("| context_swap (trap) | 1 |"), "{table}");
+
+    let bad = guard.0.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        r#"{"id": "x", "kind": "context_swap", "should_hit": true, "stored": [{"role": "user", "content": "hi"}], "asked": [{"role": "user", "content": "hi"}]}"#,
+    )
+    .unwrap();
+    let refused = semcache(&["eval", "conversations", bad.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("bad.jsonl:1") && message.contains("should_hit"),
+        "{message}"
+    );
+}
