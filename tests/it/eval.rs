@@ -233,3 +233,64 @@ async fn conversation_pairs_are_keyed_as_the_server_keys_chats() {
         "{message}"
     );
 }
+
+const CONVERSATIONS: &str = "tests/data/conversations.jsonl";
+
+/// The team's conversation suite: at least 150 labelled pairs over the six kinds, 3 to 40+
+/// messages, several domains. Today's exact keying of the context serves no trap whose
+/// earlier turns differ (a trap can only get through where the whole history is the same and
+/// the last messages slip past the verifier), and misses most follow-ups: the baseline that
+/// matching the context by meaning must beat.
+#[tokio::test]
+async fn the_conversation_suite_is_labelled_and_exact_context_is_its_baseline() {
+    let pairs = eval::read_conversations(Path::new(CONVERSATIONS)).unwrap();
+    assert!(pairs.len() >= 150, "{} pairs", pairs.len());
+    for kind in eval::Kind::ALL {
+        let of_kind = pairs.iter().filter(|pair| pair.kind == kind).count();
+        assert!(of_kind >= 25, "{}: {of_kind} pairs", kind.name());
+    }
+    let lengths: Vec<usize> = pairs
+        .iter()
+        .flat_map(|pair| [pair.stored.len(), pair.asked.len()])
+        .collect();
+    assert!(
+        lengths.iter().all(|&n| n >= 3),
+        "every chat has at least 3 messages"
+    );
+    assert!(lengths.iter().filter(|&&n| n >= 40).count() >= 10, "long chats");
+    let domains: std::collections::HashSet<&str> = pairs.iter().map(|pair| pair.domain.as_str()).collect();
+    assert!(domains.len() >= 8, "{domains:?}");
+    let mut ids = std::collections::HashSet::new();
+    assert!(
+        pairs.iter().all(|pair| ids.insert(pair.id.as_str())),
+        "ids are unique"
+    );
+
+    let same_history = |pair: &eval::ConversationPair| {
+        pair.stored[..pair.stored.len() - 1] == pair.asked[..pair.asked.len() - 1]
+    };
+    let traps_with_the_same_history = pairs
+        .iter()
+        .filter(|pair| !pair.should_hit && same_history(pair))
+        .count();
+    let grid = Grid::parse("0.70:0.98:0.02").unwrap().with(0.82);
+    let report = eval::eval_conversations(&embedder(), &pairs, &grid)
+        .await
+        .unwrap();
+    assert_eq!((report.pairs, report.context), (pairs.len(), "exact"));
+    for row in report.plain.iter().chain(&report.verified) {
+        assert!(
+            row.traps_served <= traps_with_the_same_history,
+            "exact context serves no trap whose history differs: {row:?}"
+        );
+    }
+    let at_default = report
+        .verified
+        .iter()
+        .find(|row| (row.threshold - 0.82).abs() < 1e-4)
+        .unwrap();
+    assert!(
+        at_default.should_hit_rate < 0.5,
+        "the baseline misses most follow-ups: {at_default:?}"
+    );
+}
