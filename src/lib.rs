@@ -43,7 +43,7 @@ use crate::config::ServeArgs;
 use crate::embed::Embedder;
 use crate::settings::{Settings, SettingsStore, SharedSettings};
 use crate::stats::{PriceTable, Stats};
-use crate::store::{Store, Writer};
+use crate::store::{every_tenth, Store, Writer};
 
 /// How often expired entries are removed, hit counts saved and the index tidied.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -183,18 +183,6 @@ fn open_cache(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<Cache, Se
         "store opened"
     );
     Ok(cache)
-}
-
-/// A progress callback, `(done, total)`, that logs a line every tenth of the way when there
-/// are at least `least` items.
-fn every_tenth(what: &'static str, items: &'static str, least: usize) -> impl FnMut(usize, usize) {
-    let mut next_report = 0;
-    move |done, total| {
-        if total >= least && done >= next_report {
-            tracing::info!("{what}: {done}/{total} {items}");
-            next_report = done + total.div_ceil(10);
-        }
-    }
 }
 
 /// How often a node adds its figures to the cluster's.

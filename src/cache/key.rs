@@ -78,6 +78,15 @@ pub struct CacheInput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExactKey(pub Digest32);
 
+impl ExactKey {
+    pub fn of(tenant: TenantId, fingerprint: Fingerprint, prompt: &str) -> Self {
+        Self(Digest32::of(
+            "semcache/exact/v1",
+            &[&tenant.0 .0, &fingerprint.0 .0, prompt.as_bytes()],
+        ))
+    }
+}
+
 /// Everything the cache needs to know about a request.
 #[derive(Debug, Clone)]
 pub struct RequestKey {
@@ -90,10 +99,7 @@ pub struct RequestKey {
 
 impl RequestKey {
     pub fn new(tenant: TenantId, fingerprint: Fingerprint, prompt: String) -> Self {
-        let exact = ExactKey(Digest32::of(
-            "semcache/exact/v1",
-            &[&tenant.0 .0, &fingerprint.0 .0, prompt.as_bytes()],
-        ));
+        let exact = ExactKey::of(tenant, fingerprint, &prompt);
         Self {
             tenant,
             fingerprint,

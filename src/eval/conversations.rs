@@ -12,7 +12,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    answer, embed_all, look_up_all, percent, ratio, served_at, verified_and_plain, AtThreshold, Grid, Series,
+    answer, bold_at, embed_all, look_up_all, percent, ratio, same_threshold, served_at, verified_and_plain,
+    AtThreshold, Grid, Series,
 };
 use crate::cache::{Cache, Digest32, RequestKey, TenantId};
 use crate::embed::{Embedder, Error as EmbedError};
@@ -259,11 +260,7 @@ pub fn conversations_table(report: &ConversationsReport, default: f32) -> String
          |---|---|---|---|---|\n",
     );
     for (plain, verified) in report.plain.iter().zip(&report.verified) {
-        let mark = if (plain.threshold - default).abs() < 1e-4 {
-            "**"
-        } else {
-            ""
-        };
+        let mark = bold_at(plain.threshold, default);
         out.push_str(&format!(
             "| {mark}{:.2}{mark} | {} | {} | {} | {} |\n",
             plain.threshold,
@@ -276,7 +273,7 @@ pub fn conversations_table(report: &ConversationsReport, default: f32) -> String
     let at_default = report
         .verified
         .iter()
-        .find(|row| (row.threshold - default).abs() < 1e-4);
+        .find(|row| same_threshold(row.threshold, default));
     if let Some(row) = at_default {
         out.push_str(&format!(
             "\nAt {default:.2}, verified, per kind:\n\n| kind | pairs | served |\n|---|---|---|\n"

@@ -240,7 +240,7 @@ impl PairsReport {
     pub fn at(&self, threshold: f32) -> Option<(&PairsRow, &PairsRow)> {
         let find = |rows: &'_ [PairsRow]| {
             rows.iter()
-                .position(|row| (row.threshold - threshold).abs() < 1e-4)
+                .position(|row| same_threshold(row.threshold, threshold))
         };
         let i = find(&self.plain)?;
         Some((&self.plain[i], &self.verified[find(&self.verified)?]))
@@ -399,6 +399,20 @@ pub fn recommend(rows: &[PairsRow], max_false_hit_rate: f64) -> Option<&PairsRow
     rows.iter().find(|row| row.false_hit_rate <= max_false_hit_rate)
 }
 
+/// Whether two grid thresholds are the same one.
+fn same_threshold(a: f32, b: f32) -> bool {
+    (a - b).abs() < 1e-4
+}
+
+/// Markdown bold around the serving threshold's row.
+fn bold_at(threshold: f32, default: f32) -> &'static str {
+    if same_threshold(threshold, default) {
+        "**"
+    } else {
+        ""
+    }
+}
+
 fn percent(value: f64) -> String {
     format!("{:.1}%", value * 100.0)
 }
@@ -410,11 +424,7 @@ pub fn pairs_table(report: &PairsReport, default: f32) -> String {
          |---|---|---|---|---|---|---|\n",
     );
     for (plain, verified) in report.plain.iter().zip(&report.verified) {
-        let mark = if (plain.threshold - default).abs() < 1e-4 {
-            "**"
-        } else {
-            ""
-        };
+        let mark = bold_at(plain.threshold, default);
         out.push_str(&format!(
             "| {mark}{:.2}{mark} | {} | {} | {} | {} | {} | {} |\n",
             plain.threshold,
@@ -452,11 +462,7 @@ pub fn intents_table(report: &IntentsReport, default: f32) -> String {
          |---|---|---|---|---|\n",
     );
     for (plain, verified) in report.plain.iter().zip(&report.verified) {
-        let mark = if (plain.threshold - default).abs() < 1e-4 {
-            "**"
-        } else {
-            ""
-        };
+        let mark = bold_at(plain.threshold, default);
         out.push_str(&format!(
             "| {mark}{:.2}{mark} | {} | {} | {} | {} |\n",
             plain.threshold,

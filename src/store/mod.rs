@@ -29,6 +29,42 @@ pub struct Loaded {
     pub records: Vec<(Record, Option<std::ops::Range<usize>>)>,
     pub vectors: Vec<f32>,
 }
+
+impl Loaded {
+    /// Room for `total` records.
+    pub fn with_capacity(total: usize) -> Self {
+        Self {
+            records: Vec::with_capacity(total),
+            vectors: Vec::new(),
+        }
+    }
+
+    /// Adds a record, moving its embedding into `vectors` (sized for `total` vectors at the
+    /// first one).
+    pub fn push(&mut self, mut record: Record, total: usize) {
+        let vector = record.embedding.take().map(|embedding| {
+            if self.vectors.capacity() == 0 {
+                self.vectors.reserve_exact(total * embedding.len());
+            }
+            let start = self.vectors.len();
+            self.vectors.extend_from_slice(&embedding);
+            start..self.vectors.len()
+        });
+        self.records.push((record, vector));
+    }
+}
+
+/// A progress callback, `(done, total)`, that logs a line every tenth of the way when there
+/// are at least `least` items.
+pub fn every_tenth(what: &'static str, items: &'static str, least: usize) -> impl FnMut(usize, usize) {
+    let mut next_report = 0;
+    move |done, total| {
+        if total >= least && done >= next_report {
+            tracing::info!("{what}: {done}/{total} {items}");
+            next_report = done + total.div_ceil(10);
+        }
+    }
+}
 pub use writer::{Durability, Writer};
 
 use crate::embed::EmbedderId;
@@ -366,10 +402,7 @@ impl Store {
         let entries = txn.open_table(ENTRIES).map_err(db_error)?;
         let usage = txn.open_table(USAGE).map_err(db_error)?;
         let total = entries.len().map_err(db_error)? as usize;
-        let mut loaded = Loaded {
-            records: Vec::with_capacity(total),
-            vectors: Vec::new(),
-        };
+        let mut loaded = Loaded::with_capacity(total);
         for (done, row) in entries.iter().map_err(db_error)?.enumerate() {
             let (id, bytes) = row.map_err(db_error)?;
             let id = id.value();
@@ -378,15 +411,7 @@ impl Store {
             if let Some(counts) = usage.get(id).map_err(db_error)? {
                 Counts::apply(counts.value(), &mut record);
             }
-            let vector = record.embedding.take().map(|embedding| {
-                if loaded.vectors.capacity() == 0 {
-                    loaded.vectors.reserve_exact(total * embedding.len());
-                }
-                let start = loaded.vectors.len();
-                loaded.vectors.extend_from_slice(&embedding);
-                start..loaded.vectors.len()
-            });
-            loaded.records.push((record, vector));
+            loaded.push(record, total);
             progress(done + 1, total);
         }
         Ok(loaded)

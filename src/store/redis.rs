@@ -30,7 +30,7 @@ use redis::{AsyncTypedCommands, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{scripts, EntryStore, Error, Loaded, Op, Record, FORMAT_VERSION};
-use crate::cache::{Cache, Digest32, Eviction, Fingerprint, RequestKey, TenantId};
+use crate::cache::{Cache, Digest32, Eviction, ExactKey, Fingerprint, TenantId};
 use crate::embed::EmbedderId;
 use crate::settings::{Settings, SharedSettings};
 
@@ -88,12 +88,31 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// Key names under the namespace.
+/// Key names under the namespace; the fixed ones made once.
 struct Keys {
     prefix: String,
+    ids: String,
+    log: String,
+    seq: String,
+    meta: String,
+    settings: String,
+    stats: String,
 }
 
 impl Keys {
+    fn new(namespace: &str) -> Self {
+        let prefix = format!("{namespace}:");
+        let named = |name: &str| format!("{prefix}{name}");
+        Self {
+            ids: named("ids"),
+            log: named("log"),
+            seq: named("seq"),
+            meta: named("meta"),
+            settings: named("settings"),
+            stats: named("stats"),
+            prefix,
+        }
+    }
     fn entry(&self, id: u64) -> String {
         format!("{}e:{id}", self.prefix)
     }
@@ -102,9 +121,6 @@ impl Keys {
     }
     fn lease(&self, exact: &[u8; 32]) -> String {
         format!("{}l:{}", self.prefix, hex::encode(exact))
-    }
-    fn named(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
     }
 }
 
@@ -211,9 +227,7 @@ impl RedisStore {
         let store = Arc::new(Self {
             client,
             conn,
-            keys: Keys {
-                prefix: format!("{}:", config.namespace),
-            },
+            keys: Keys::new(&config.namespace),
             config,
             available: AtomicBool::new(false),
             problem: Mutex::new(Some("not connected to Redis yet".to_owned())),
@@ -284,19 +298,18 @@ impl RedisStore {
     }
 
     async fn put(&self, record: &Record) -> Result<(), Error> {
-        let exact = RequestKey::new(
+        let exact = ExactKey::of(
             TenantId(Digest32(record.tenant)),
             Fingerprint(Digest32(record.fingerprint)),
-            record.prompt.clone(),
+            &record.prompt,
         )
-        .exact
         .0
          .0;
         let now = now_ms();
         let result: redis::RedisResult<u64> = self
             .put
-            .key(self.keys.named("ids"))
-            .key(self.keys.named("log"))
+            .key(&self.keys.ids)
+            .key(&self.keys.log)
             .key(self.keys.entry(record.id))
             .key(self.keys.exact(&exact))
             .key(self.keys.lease(&exact))
@@ -346,9 +359,9 @@ impl RedisStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self.remove.key(self.keys.named("ids"));
+        let mut invocation = self.remove.key(&self.keys.ids);
         invocation
-            .key(self.keys.named("log"))
+            .key(&self.keys.log)
             .arg(&self.keys.prefix)
             .arg(now_ms())
             .arg(LOG_LENGTH)
@@ -371,8 +384,8 @@ impl RedisStore {
         let result: redis::RedisResult<u64> = self
             .feedback
             .key(self.keys.entry(id))
-            .key(self.keys.named("log"))
-            .key(self.keys.named("seq"))
+            .key(&self.keys.log)
+            .key(&self.keys.seq)
             .arg(id)
             .arg(counts.own_threshold.to_string())
             .arg(counts.wrong_reports)
@@ -386,28 +399,39 @@ impl RedisStore {
     /// Removes every entry, or every entry of one tenant, from Redis (whichever node stored
     /// it); each removal goes into the log, so every node drops it. Returns how many.
     pub async fn clear(&self, tenant: Option<&[u8; 32]>) -> Result<usize, Error> {
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
+        let (mut cursor, mut removed) = (0, 0);
         loop {
-            let (next, page): (u64, Vec<String>) = match redis::cmd("ZSCAN")
-                .arg(self.keys.named("ids"))
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(&mut self.conn())
-                .await
-            {
-                Ok(reply) => reply,
+            let (next, ids) = match self.id_page(&mut self.conn(), cursor).await {
+                Ok(page) => page,
                 Err(err) => return self.failed(err),
             };
-            // Members and scores alternate.
-            let ids: Vec<u64> = page.iter().step_by(2).filter_map(|id| id.parse().ok()).collect();
             removed += self.remove_ids(&ids, tenant).await?;
             cursor = next;
             if cursor == 0 {
                 return Ok(removed);
             }
         }
+    }
+
+    /// One page of entry ids from `ids` (`ZSCAN`) and the cursor of the next (0: none). An id
+    /// may come twice across pages.
+    async fn id_page(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        cursor: u64,
+    ) -> redis::RedisResult<(u64, Vec<u64>)> {
+        let (next, page): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(&self.keys.ids)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(conn)
+            .await?;
+        // Members and scores alternate.
+        Ok((
+            next,
+            page.iter().step_by(2).filter_map(|id| id.parse().ok()).collect(),
+        ))
     }
 
     /// Counts a hit on an entry and says whether it may be served: whether it is still in
@@ -417,7 +441,7 @@ impl RedisStore {
         let result: redis::RedisResult<u64> = self
             .confirm
             .key(self.keys.entry(id))
-            .key(self.keys.named("ids"))
+            .key(&self.keys.ids)
             .arg(id)
             .arg(now)
             .arg(match self.config.eviction {
@@ -504,9 +528,9 @@ impl RedisStore {
         let json = crate::settings::to_json(settings);
         let result: redis::RedisResult<u64> = self
             .settings
-            .key(self.keys.named("settings"))
-            .key(self.keys.named("log"))
-            .key(self.keys.named("seq"))
+            .key(&self.keys.settings)
+            .key(&self.keys.log)
+            .key(&self.keys.seq)
             .arg(json)
             .arg(now_ms())
             .arg(LOG_LENGTH)
@@ -517,16 +541,12 @@ impl RedisStore {
 
     /// Adds this node's figures to the ones kept for the whole cluster.
     pub async fn add_cluster_figures(&self, deltas: &[(&str, f64)]) -> Result<(), Error> {
-        let key = self.keys.named("stats");
+        let key = &self.keys.stats;
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (field, delta) in deltas {
             if *delta != 0.0 {
-                pipe.cmd("HINCRBYFLOAT")
-                    .arg(&key)
-                    .arg(*field)
-                    .arg(*delta)
-                    .ignore();
+                pipe.cmd("HINCRBYFLOAT").arg(key).arg(*field).arg(*delta).ignore();
             }
         }
         match pipe.query_async::<()>(&mut self.conn()).await {
@@ -537,7 +557,7 @@ impl RedisStore {
 
     /// The figures summed over every node.
     pub async fn cluster_figures(&self) -> Result<HashMap<String, f64>, Error> {
-        match self.conn().hgetall(self.keys.named("stats")).await {
+        match self.conn().hgetall(&self.keys.stats).await {
             Ok(map) => Ok(map
                 .into_iter()
                 .filter_map(|(field, value)| Some((field, value.parse().ok()?)))
@@ -606,13 +626,13 @@ impl RedisStore {
         // after it (changes are applied by id, so one seen twice does nothing more).
         let (id, line): (String, u64) = self
             .position
-            .key(self.keys.named("log"))
-            .key(self.keys.named("seq"))
+            .key(&self.keys.log)
+            .key(&self.keys.seq)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
         let position = Position { id, line };
-        let saved: Option<String> = conn.get(self.keys.named("settings")).await.map_err(redis_error)?;
+        let saved: Option<String> = conn.get(&self.keys.settings).await.map_err(redis_error)?;
         if let Some(saved) = saved.as_deref().and_then(crate::settings::from_json) {
             settings.store(Arc::new(saved));
         }
@@ -651,7 +671,7 @@ impl RedisStore {
     /// vectors another embedder made (they cannot be compared with ours; embedding them again
     /// on one node while others serve would mix both).
     async fn check_meta(&self, conn: &mut MultiplexedConnection, current: &EmbedderId) -> Result<(), Error> {
-        let key = self.keys.named("meta");
+        let key = &self.keys.meta;
         let now = now_ms().to_string();
         let dimensions = current.dimensions.to_string();
         let version = FORMAT_VERSION.to_string();
@@ -664,9 +684,9 @@ impl RedisStore {
             ("weights", current.weights.as_str()),
             ("epoch_ms", now.as_str()),
         ] {
-            pipe.cmd("HSETNX").arg(&key).arg(field).arg(value).ignore();
+            pipe.cmd("HSETNX").arg(key).arg(field).arg(value).ignore();
         }
-        pipe.cmd("HGETALL").arg(&key);
+        pipe.cmd("HGETALL").arg(key);
         pipe.cmd("INFO").arg("server");
         let (meta, info): (HashMap<String, String>, String) =
             pipe.query_async(conn).await.map_err(redis_error)?;
@@ -701,48 +721,18 @@ impl RedisStore {
 
     /// Every entry in Redis, with the progress line every tenth of the way.
     async fn load(&self, conn: &mut MultiplexedConnection) -> Result<Loaded, Error> {
-        let total: usize = conn.zcard(self.keys.named("ids")).await.map_err(redis_error)?;
-        let mut loaded = Loaded {
-            records: Vec::with_capacity(total),
-            vectors: Vec::new(),
-        };
+        let total: usize = conn.zcard(&self.keys.ids).await.map_err(redis_error)?;
+        let mut loaded = Loaded::with_capacity(total);
+        let mut progress = super::every_tenth("loading the shared store", "entries", 10_000);
         let mut cursor: u64 = 0;
-        let mut next_report = 0;
         let mut seen = std::collections::HashSet::new();
         loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("ZSCAN")
-                .arg(self.keys.named("ids"))
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(conn)
-                .await
-                .map_err(redis_error)?;
-            let ids: Vec<u64> = page
-                .iter()
-                .step_by(2)
-                .filter_map(|id| id.parse().ok())
-                .filter(|id| seen.insert(*id))
-                .collect();
+            let (next, page) = self.id_page(conn, cursor).await.map_err(redis_error)?;
+            let ids: Vec<u64> = page.into_iter().filter(|id| seen.insert(*id)).collect();
             for record in self.fetch(conn, &ids).await?.into_iter().flatten() {
-                let mut record = record;
-                let vector = record.embedding.take().map(|embedding| {
-                    if loaded.vectors.capacity() == 0 {
-                        loaded.vectors.reserve_exact(total * embedding.len());
-                    }
-                    let start = loaded.vectors.len();
-                    loaded.vectors.extend_from_slice(&embedding);
-                    start..loaded.vectors.len()
-                });
-                loaded.records.push((record, vector));
+                loaded.push(record, total);
             }
-            if total >= 10_000 && loaded.records.len() >= next_report {
-                tracing::info!(
-                    "loading the shared store: {}/{total} entries",
-                    loaded.records.len()
-                );
-                next_report = loaded.records.len() + total.div_ceil(10);
-            }
+            progress(loaded.records.len(), total);
             cursor = next;
             if cursor == 0 {
                 return Ok(loaded);
@@ -784,7 +774,7 @@ impl RedisStore {
         cache: &Weak<Cache>,
         settings: &SharedSettings,
     ) -> Error {
-        let log = self.keys.named("log");
+        let log = &self.keys.log;
         loop {
             let reply: redis::RedisResult<ReadReply> = redis::cmd("XREAD")
                 .arg("COUNT")
@@ -792,7 +782,7 @@ impl RedisStore {
                 .arg("BLOCK")
                 .arg(FOLLOW_BLOCK.as_millis() as u64)
                 .arg("STREAMS")
-                .arg(&log)
+                .arg(log)
                 .arg(&position.id)
                 .query_async(&mut conn)
                 .await;
@@ -935,6 +925,12 @@ fn record_from(id: u64, fields: Vec<Option<Vec<u8>>>) -> Result<Record, Error> {
     Ok(record)
 }
 
+async fn save_removals(store: &RedisStore, removals: &mut Vec<u64>) {
+    if let Err(err) = store.remove_ids(&std::mem::take(removals), None).await {
+        tracing::warn!(error = %err, "removals not saved to the shared store");
+    }
+}
+
 /// Saves queued changes (removals, feedback) in order, in the background.
 async fn drain(store: Weak<RedisStore>, mut queued: mpsc::UnboundedReceiver<Queued>) {
     while let Some(first) = queued.recv().await {
@@ -948,14 +944,17 @@ async fn drain(store: Weak<RedisStore>, mut queued: mpsc::UnboundedReceiver<Queu
                 break;
             }
         }
+        // Removals are sent together, and before anything queued after them.
         let mut removals = Vec::new();
         for item in batch {
+            if let Queued::Op(Op::Delete(id)) = item {
+                removals.push(id);
+                continue;
+            }
+            save_removals(&store, &mut removals).await;
             match item {
-                Queued::Op(Op::Delete(id)) => removals.push(id),
+                Queued::Op(Op::Delete(_)) => unreachable!("collected above"),
                 Queued::Op(Op::Touch { id, counts }) => {
-                    if let Err(err) = store.remove_ids(&std::mem::take(&mut removals), None).await {
-                        tracing::warn!(error = %err, "removals not saved to the shared store");
-                    }
                     if let Err(err) = store.save_feedback(id, counts).await {
                         tracing::warn!(error = %err, entry = id, "feedback not saved to the shared store");
                     }
@@ -966,16 +965,11 @@ async fn drain(store: Weak<RedisStore>, mut queued: mpsc::UnboundedReceiver<Queu
                     }
                 }
                 Queued::Flushed(done) => {
-                    if let Err(err) = store.remove_ids(&std::mem::take(&mut removals), None).await {
-                        tracing::warn!(error = %err, "removals not saved to the shared store");
-                    }
                     let _ = done.send(());
                 }
             }
         }
-        if let Err(err) = store.remove_ids(&removals, None).await {
-            tracing::warn!(error = %err, "removals not saved to the shared store");
-        }
+        save_removals(&store, &mut removals).await;
     }
 }
 

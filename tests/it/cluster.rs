@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_body, fresh_data_dir, spawn_binary, Mode, Process, RemovedOnDrop, Reply, Semcache, TestUpstream,
-    KEY_A, KEY_B,
+    ask_at, chat_body, fresh_data_dir, spawn_binary, Mode, Process, RemovedOnDrop, Reply, Semcache,
+    TestUpstream, KEY_A, KEY_B,
 };
 
 /// A `redis-server` of the test's own.
@@ -505,21 +505,7 @@ async fn a_node_killed_under_writes_comes_back_with_every_acknowledged_entry() {
     // `no-cache` on the writes: each is stored, none is served from another.
     let ask = move |addr: std::net::SocketAddr, prompt: String, cache_control: &'static str| {
         let client = client.clone();
-        async move {
-            let response = client
-                .post(format!("http://{addr}/v1/chat/completions"))
-                .bearer_auth(KEY_A)
-                .header("cache-control", cache_control)
-                .json(&chat_body(&prompt))
-                .send()
-                .await?;
-            let (status, headers) = (response.status().as_u16(), response.headers().clone());
-            Ok::<_, reqwest::Error>(Reply {
-                status,
-                headers,
-                body: response.bytes().await?,
-            })
-        }
+        async move { ask_at(&client, addr, &prompt, &[("cache-control", cache_control)]).await }
     };
     // Writes keep coming while the node is killed; what was answered was acknowledged.
     let addr = process.addr;
@@ -649,18 +635,7 @@ async fn the_redis_password_is_never_shown() {
         stats["shared_store"]["available"] == json!(true)
     })
     .await;
-    let ask = || async {
-        client
-            .post(url("/v1/chat/completions"))
-            .bearer_auth(KEY_A)
-            .json(&chat_body(ASKED))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let ask = || async { ask_at(&client, process.addr, ASKED, &[]).await.unwrap() };
     ask().await;
     // Redis lost: errors are logged and shown in /healthz and /stats.
     redis.kill();
@@ -833,14 +808,11 @@ async fn rediss_urls_speak_tls_to_redis() {
     let ask = |addr: std::net::SocketAddr| {
         let client = client.clone();
         async move {
-            let response = client
-                .post(format!("http://{addr}/v1/chat/completions"))
-                .bearer_auth(KEY_A)
-                .json(&chat_body(ASKED))
-                .send()
+            ask_at(&client, addr, ASKED, &[])
                 .await
-                .unwrap();
-            response.headers()["x-semcache"].to_str().unwrap().to_owned()
+                .unwrap()
+                .cache()
+                .to_owned()
         }
     };
     // With the CA trusted, the node loads over TLS and caches.

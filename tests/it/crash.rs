@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::support::{chat_body, fresh_data_dir, spawn_binary, Process, Reply, TestUpstream, KEY_A};
+use crate::support::{ask_at, fresh_data_dir, spawn_binary, Process, Reply, TestUpstream};
 
 fn spawn(upstream: &str, data_dir: &Path) -> Process {
     let data_dir = data_dir.to_str().unwrap();
@@ -31,20 +31,7 @@ fn spawn(upstream: &str, data_dir: &Path) -> Process {
 }
 
 async fn ask(client: &reqwest::Client, addr: SocketAddr, prompt: &str) -> Result<Reply, reqwest::Error> {
-    let response = client
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(KEY_A)
-        .json(&chat_body(prompt))
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.bytes().await?;
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
+    ask_at(client, addr, prompt, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

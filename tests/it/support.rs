@@ -492,6 +492,32 @@ pub struct Process {
     pub output: Arc<Mutex<Vec<String>>>,
 }
 
+/// Posts `chat_body(prompt)` with tenant A's key and `headers` to a semcache at `addr` (a
+/// process of its own, as `spawn_binary` starts).
+pub async fn ask_at(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    prompt: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, reqwest::Error> {
+    let mut request = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .json(&chat_body(prompt));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
 impl Drop for Process {
     /// A test that fails midway leaves no server behind.
     fn drop(&mut self) {
