@@ -51,8 +51,8 @@
 //!   better than any user saw. At most `--concurrency` requests are in flight; a request that
 //!   finds them all busy waits in this tool, and that wait counts in its latency.
 //! - Before each ratio, `--concurrency` requests (at most 32) with fresh prompts (not counted) open the
-//!   connections and wake the service; memory is read after them ("after warm-up") and after
-//!   the last answer ("at end").
+//!   connections and wake the service; memory is read a second after them ("after warm-up")
+//!   and a second after the last answer ("at end"), once the writes they queued are done.
 //! - Throughput is successful answers over the time from the first send to the last answer.
 //!
 //! This tool, its test upstream and the service share the machine's cores; on a small machine
@@ -370,6 +370,17 @@ fn semcache_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Resident memory of a process in MiB, from `/proc/<pid>/status`.
+/// `pid`'s resident memory once it has had a second to finish what the last answers left to
+/// do (stores, the embedder giving back its working memory).
+async fn settled_resident_mib(pid: Option<u32>) -> Option<f64> {
+    let pid = pid?;
+    tokio::time::sleep(SETTLE).await;
+    resident_mib(pid)
+}
+
+/// How long the service is left alone before its memory is read.
+const SETTLE: Duration = Duration::from_secs(1);
+
 fn resident_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
@@ -857,7 +868,7 @@ async fn run(options: &Options) -> anyhow::Result<Report> {
         driver
             .warm_up(&mut workload, options.concurrency.min(WARM_UP_MAX))
             .await?;
-        let rss_after_warm_up = pid.and_then(resident_mib);
+        let rss_after_warm_up = settled_resident_mib(pid).await;
         let calls_before = test_upstream.as_ref().map(TestUpstream::calls);
 
         let workload = Arc::new(Mutex::new(workload));
@@ -877,7 +888,7 @@ async fn run(options: &Options) -> anyhow::Result<Report> {
         next_fresh = workload.lock().unwrap().next_fresh;
         let mut row = Row::new(ratio, &samples, elapsed);
         row.rss_after_warm_up_mib = rss_after_warm_up;
-        row.rss_at_end_mib = pid.and_then(resident_mib);
+        row.rss_at_end_mib = settled_resident_mib(pid).await;
         row.memory_samples = std::mem::take(&mut *memory_samples.lock().unwrap());
         row.upstream_calls = test_upstream
             .as_ref()

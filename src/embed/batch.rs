@@ -17,7 +17,7 @@
 //! time this way, against 2.07 × with every pass split across both cores (`benches/proxy.rs`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,14 @@ use super::{usable, Embedder, Error};
 /// Most prompts in one forward pass. Past 8 to 16 short prompts a pass costs no less per
 /// prompt, and a larger pass only makes its first prompt wait longer.
 pub const MAX_BATCH: usize = 16;
+/// About the most text the model reads of one prompt (256 tokens of English): longer texts
+/// cost no more.
+const WINDOW_BYTES: usize = 1024;
+/// Most attention work in one pass, in squared bytes: four prompts that fill the window. A
+/// pass's working memory grows with its prompts times their length squared (the attention
+/// scores), and past a few long prompts a larger pass costs no less per prompt, only memory:
+/// sixteen full-window prompts in one pass took about 200 MiB more at their peak.
+const PASS_BUDGET: usize = 4 * WINDOW_BYTES * WINDOW_BYTES;
 /// Longest wait for more prompts before a pass, under load only.
 pub const MAX_WAIT: Duration = Duration::from_millis(2);
 
@@ -90,10 +98,21 @@ fn run(
     own_pool: Option<&rayon::ThreadPool>,
 ) {
     let mut shared = false;
+    let mut ran = false;
     loop {
         let batch = {
             let Ok(queue) = queue.lock() else { return };
-            let Ok(first) = queue.recv() else { return };
+            let first = match queue.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {
+                    if std::mem::take(&mut ran) {
+                        embedder.idle();
+                    }
+                    let Ok(job) = queue.recv() else { return };
+                    job
+                }
+            };
             let mut batch = vec![first];
             batch.extend(queue.try_iter().take(MAX_BATCH - 1));
             if shared {
@@ -119,17 +138,25 @@ fn run(
             _ => pass(),
         }
         busy.fetch_sub(1, Ordering::SeqCst);
+        ran = true;
     }
 }
 
 /// Groups of similar length, shortest first: within a group the longest text is at most twice
-/// the shortest (plus a little), so padding stays small.
+/// the shortest (plus a little), so padding stays small, and the group's attention work (its
+/// size times the square of its longest text) stays within [`PASS_BUDGET`].
 fn by_length(mut batch: Vec<Job>) -> Vec<Vec<Job>> {
     batch.sort_by_key(|job| job.text.len());
     let mut groups: Vec<Vec<Job>> = Vec::new();
     for job in batch {
+        let len = job.text.len();
+        let weight = len.min(WINDOW_BYTES).pow(2);
         match groups.last_mut() {
-            Some(group) if job.text.len() <= 2 * group[0].text.len() + 32 => group.push(job),
+            Some(group)
+                if len <= 2 * group[0].text.len() + 32 && (group.len() + 1) * weight <= PASS_BUDGET =>
+            {
+                group.push(job)
+            }
             _ => groups.push(vec![job]),
         }
     }
@@ -176,6 +203,8 @@ mod tests {
     struct Recording {
         passes: Mutex<Vec<usize>>,
         calls: AtomicUsize,
+        /// Each entry: how many passes had run when the queue was found dry.
+        idle_after: Mutex<Vec<usize>>,
     }
 
     impl Embedder for Recording {
@@ -205,6 +234,31 @@ mod tests {
             }
             Ok(texts.iter().map(|t| vec![t.len() as f32]).collect())
         }
+
+        fn idle(&self) {
+            let passes = self.passes.lock().unwrap().len();
+            self.idle_after.lock().unwrap().push(passes);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_embedder_hears_once_per_dry_spell_after_work_never_before_or_between() {
+        let model = Arc::new(Recording::default());
+        let batcher = Batcher::new(Arc::clone(&model) as Arc<dyn Embedder>, 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(model.idle_after.lock().unwrap().is_empty(), "no pass yet");
+        for text in ["one", "two"] {
+            batcher.embed(text).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let texts: Vec<String> = (0..40).map(|n| format!("prompt {n}")).collect();
+        futures::future::join_all(texts.iter().map(|text| batcher.embed(text))).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let passes = model.passes.lock().unwrap().len();
+        let idle_after = model.idle_after.lock().unwrap().clone();
+        assert!(passes >= 5, "{passes} passes");
+        // Once after each lone prompt, and once after the burst, whose passes ran back to back.
+        assert_eq!(idle_after, vec![1, 2, passes]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -274,5 +328,18 @@ mod tests {
         let groups = by_length(vec![job("short one"), job(&long), job("another short")]);
         let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![2, 1]);
+    }
+
+    #[test]
+    fn long_texts_go_a_few_at_a_time_and_short_ones_all_together() {
+        let job = |text: String| Job {
+            text,
+            reply: oneshot::channel().0,
+        };
+        let long: Vec<Job> = (0..10).map(|n| job(format!("{n}{}", "y".repeat(1500)))).collect();
+        let sizes: Vec<usize> = by_length(long).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
+        let short: Vec<Job> = (0..MAX_BATCH).map(|n| job(format!("prompt {n}"))).collect();
+        assert_eq!(by_length(short).len(), 1);
     }
 }

@@ -146,6 +146,10 @@ pub trait Embedder: Send + Sync {
     fn concurrent_passes(&self) -> usize {
         std::thread::available_parallelism().map_or(1, usize::from)
     }
+
+    /// Called when the batcher's queue runs dry after a pass: a backend whose passes leave
+    /// memory the process no longer uses can give it back here. By default, nothing.
+    fn idle(&self) {}
 }
 
 /// A vector the index can take: the model's dimensions, and no NaN or infinity (which a model
