@@ -120,8 +120,20 @@ pub struct EvalPairsArgs {
 pub struct EvalConversationsArgs {
     /// JSONL file of labelled conversation pairs (e.g. tests/data/conversations.jsonl).
     pub file: PathBuf,
+    /// How earlier turns are compared: `exact` (as the server keys them) or `semantic` (the
+    /// conversation matcher: the request and what it refers back to by meaning, earlier
+    /// details and decisions by contrast).
+    #[arg(long, value_enum, default_value_t = ContextMode::Exact)]
+    pub context: ContextMode,
     #[command(flatten)]
     pub options: EvalOptions,
+}
+
+/// How a conversation's earlier turns are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ContextMode {
+    Exact,
+    Semantic,
 }
 
 #[derive(Debug, Clone, Parser)]

@@ -20,6 +20,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod context;
 pub mod embed;
 pub mod eval;
 #[doc(hidden)]

@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use semcache::config::{CalibrateArgs, Cli, Command, EvalCommand, EvalOptions, ModelArgs, ServeArgs};
+use semcache::config::{
+    CalibrateArgs, Cli, Command, ContextMode, EvalCommand, EvalConversationsArgs, EvalOptions, ModelArgs,
+    ServeArgs,
+};
 use semcache::embed::{self, Embedder};
 use semcache::eval;
 use tracing_subscriber::EnvFilter;
@@ -21,9 +24,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Eval(EvalCommand::Intents(args)) => {
             eval_intents(&args.train, &args.test, &args.options).await
         }
-        Command::Eval(EvalCommand::Conversations(args)) => {
-            eval_conversations(&args.file, &args.options).await
-        }
+        Command::Eval(EvalCommand::Conversations(args)) => eval_conversations(&args).await,
         Command::Calibrate(args) => calibrate(args).await,
     }
 }
@@ -97,11 +98,15 @@ async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyho
     Ok(())
 }
 
-async fn eval_conversations(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
+async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> {
+    let (file, options) = (&args.file, &args.options);
     let pairs = eval::sample(eval::read_conversations(file)?, options.sample, options.seed);
     let embedder = load_model(&options.model).await?;
     let grid = options.thresholds.clone().with(options.threshold);
-    let report = eval::eval_conversations(&embedder, &pairs, &grid).await?;
+    let report = match args.context {
+        ContextMode::Exact => eval::eval_conversations(&embedder, &pairs, &grid).await?,
+        ContextMode::Semantic => eval::eval_conversations_semantic(&embedder, &pairs, &grid).await?,
+    };
     let title = format!("{} ({} conversation pairs)", file.display(), report.pairs);
     if plot_or_json(options, &title, &eval::conversations_series(&report), &report)? {
         return Ok(());

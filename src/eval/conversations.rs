@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -16,6 +16,8 @@ use super::{
     AtThreshold, Grid, Series,
 };
 use crate::cache::{Cache, Digest32, RequestKey, TenantId};
+use crate::context::{self, Context};
+use crate::embed::cosine;
 use crate::embed::{Embedder, Error as EmbedError};
 use crate::openai::ChatRequest;
 
@@ -160,7 +162,8 @@ pub struct ConversationsReport {
     pub traps: usize,
     /// Pairs of each kind.
     pub by_kind: BTreeMap<&'static str, usize>,
-    /// How the context was compared: `exact` (today's keying).
+    /// How the context was compared: `exact` (as the server keys chats) or `semantic` (the
+    /// conversation matcher, `crate::context`).
     pub context: &'static str,
     pub plain: Vec<ConversationsRow>,
     pub verified: Vec<ConversationsRow>,
@@ -205,7 +208,16 @@ pub async fn eval_conversations(
         queries.push((asked, b.expect("two vectors per pair")));
     }
     let outcomes = look_up_all(&cache, &queries, &item_of, grid.lowest());
+    Ok(report_of(pairs, grid, &outcomes, "exact"))
+}
 
+/// The per-threshold rows of pairs whose outcomes are known.
+fn report_of(
+    pairs: &[ConversationPair],
+    grid: &Grid,
+    outcomes: &super::Outcomes,
+    context: &'static str,
+) -> ConversationsReport {
     let should_hit = pairs.iter().filter(|pair| pair.should_hit).count();
     let traps = pairs.len() - should_hit;
     let rows = |verified: bool| {
@@ -241,15 +253,67 @@ pub async fn eval_conversations(
     for pair in pairs {
         *by_kind.entry(pair.kind.name()).or_default() += 1;
     }
-    Ok(ConversationsReport {
+    ConversationsReport {
         pairs: pairs.len(),
         should_hit,
         traps,
         by_kind,
-        context: "exact",
+        context,
         plain: rows(false),
         verified: rows(true),
-    })
+    }
+}
+
+/// One side of a pair as the semantic matcher reads it.
+fn context_of(messages: &[serde_json::Value]) -> Option<Context> {
+    let body = serde_json::to_vec(&ConversationPair::request(messages)).ok()?;
+    let request = ChatRequest::parse(&body).ok()?;
+    let last = request.cache_input()?.prompt;
+    Some(Context::of(&request.earlier_turns()?, &last))
+}
+
+/// The semantic matcher on each pair: its similarity is that of the compared texts (each
+/// request with what it refers back to, `Context::compared_text`), the one text per request
+/// that is embedded; verified, the pair must also pass `context::check` (the hit verifier on
+/// the compared texts, contrasts over the user turns, turn by turn and as a whole, and
+/// decisions). A pair whose history is not plain text would be matched exactly: it is not
+/// served here.
+pub async fn eval_conversations_semantic(
+    embedder: &Arc<dyn Embedder>,
+    pairs: &[ConversationPair],
+    grid: &Grid,
+) -> Result<ConversationsReport, EmbedError> {
+    let contexts: Vec<Option<(Context, Context)>> = pairs
+        .iter()
+        .map(|pair| Some((context_of(&pair.stored)?, context_of(&pair.asked)?)))
+        .collect();
+    let texts: Vec<String> = contexts
+        .iter()
+        .flatten()
+        .flat_map(|(stored, asked)| [stored.compared_text(), asked.compared_text()])
+        .collect();
+    let mut vectors = embed_all(embedder, texts).await?.into_iter();
+    let mut outcomes = super::Outcomes {
+        plain: Vec::with_capacity(pairs.len()),
+        verified: Vec::with_capacity(pairs.len()),
+    };
+    for (i, sides) in contexts.into_iter().enumerate() {
+        let Some((stored, asked)) = sides else {
+            outcomes.plain.push(None);
+            outcomes.verified.push(None);
+            continue;
+        };
+        let mut next = || vectors.next().expect("two vectors per pair");
+        let (compared_s, compared_a) = (next(), next());
+        let served = Some(super::Served {
+            item: i,
+            similarity: cosine(&compared_s, &compared_a).min(1.0),
+        });
+        let passes = context::check(&stored.analysed(), &asked.analysed()).is_ok();
+        outcomes.plain.push(served);
+        outcomes.verified.push(served.filter(|_| passes));
+    }
+    Ok(report_of(pairs, grid, &outcomes, "semantic"))
 }
 
 /// Should-hit pairs and traps served per threshold (verified, as the server serves by

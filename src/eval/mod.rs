@@ -19,8 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 pub use conversations::{
-    conversations_series, conversations_table, eval_conversations, read_conversations, ConversationPair,
-    ConversationsReport, ConversationsRow, Kind,
+    conversations_series, conversations_table, eval_conversations, eval_conversations_semantic,
+    read_conversations, ConversationPair, ConversationsReport, ConversationsRow, Kind,
 };
 pub use data::{read_intents, read_pairs, sample, Intent, Pair};
 pub use plot::{plot, Series};

@@ -4,6 +4,7 @@ use serde_json::{Map, Value};
 
 pub use crate::cache::{CacheInput, Invalid};
 use crate::cache::{Digest32, Fingerprint};
+use crate::context::Turn;
 
 /// Request fields that do not change the answer, left out of the fingerprint.
 const NOT_IN_FINGERPRINT: &[&str] = &[
@@ -152,6 +153,47 @@ impl ChatRequest {
             fingerprint: Fingerprint(Digest32::of("semcache/context/v1", &[&canonical])),
             prompt: prompt_parts.join("\n"),
         })
+    }
+
+    /// The user and assistant messages before the last user message, oldest first, when all of
+    /// them are plain text: what a conversation is compared by in semantic context mode.
+    /// `None` when one is not (tool calls and results, images, a message after the last user
+    /// one): such a history is only ever matched exactly.
+    pub fn earlier_turns(&self) -> Option<Vec<Turn>> {
+        let messages = self.body.get("messages")?.as_array()?;
+        let last_user = messages
+            .iter()
+            .rposition(|m| m.get("role") == Some(&Value::from("user")))?;
+        if last_user + 1 != messages.len() {
+            return None;
+        }
+        let mut turns = Vec::new();
+        for message in &messages[..last_user] {
+            let user = match message.get("role").and_then(Value::as_str) {
+                Some("system" | "developer") => continue,
+                Some("user") => true,
+                Some("assistant")
+                    if message.get("tool_calls").is_none() && message.get("function_call").is_none() =>
+                {
+                    false
+                }
+                _ => return None,
+            };
+            let text = match message.get("content") {
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|part| match part.get("type").and_then(Value::as_str) {
+                        Some("text") => part.get("text").and_then(Value::as_str),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<&str>>>()?
+                    .join("\n"),
+                _ => return None,
+            };
+            turns.push(Turn { user, text });
+        }
+        Some(turns)
     }
 
     /// The body to send upstream for a streamed miss: the client's own, with the final usage
@@ -373,6 +415,42 @@ mod tests {
             with_image("https://a/2.png").fingerprint
         );
         assert_eq!(with_image("https://a/1.png").prompt, "What is this?");
+    }
+
+    #[test]
+    fn earlier_turns_are_the_text_before_the_last_user_message_unless_tools_are_in_it() {
+        let chat = |messages: Value| {
+            ChatRequest::parse(&serde_json::to_vec(&json!({"model": "m", "messages": messages})).unwrap())
+                .unwrap()
+                .earlier_turns()
+        };
+        let turns = chat(json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "I'm on Core."},
+            {"role": "assistant", "content": [{"type": "text", "text": "Noted."}]},
+            {"role": "user", "content": "How much is roaming?"}
+        ]))
+        .unwrap();
+        assert_eq!(
+            turns,
+            [
+                Turn {
+                    user: true,
+                    text: "I'm on Core.".into()
+                },
+                Turn {
+                    user: false,
+                    text: "Noted.".into()
+                }
+            ]
+        );
+        let with_tools = chat(json!([
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+            {"role": "user", "content": "And tomorrow?"}
+        ]));
+        assert_eq!(with_tools, None);
     }
 
     #[test]

@@ -30,17 +30,21 @@ pub enum Reason {
     DateTime,
     Entity,
     Scope,
+    /// Two conversations decide differently: an action taken on one side is refused or not
+    /// taken on the other ("cancel it" / "don't cancel, pause it").
+    Intent,
     /// The prompts differ past the end of the model's window, where the embedding cannot see.
     Unseen,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Negation,
         Reason::Number,
         Reason::DateTime,
         Reason::Entity,
         Reason::Scope,
+        Reason::Intent,
         Reason::Unseen,
     ];
 
@@ -51,6 +55,7 @@ impl Reason {
             Reason::DateTime => "date_time",
             Reason::Entity => "entity",
             Reason::Scope => "scope",
+            Reason::Intent => "intent",
             Reason::Unseen => "beyond_model_window",
         }
     }
@@ -88,7 +93,21 @@ impl Analysis {
 /// Checks whether the answer stored for the prompt analysed as `stored` may be served for the
 /// one analysed as `asked`.
 pub fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection> {
-    rules::check(stored, asked)
+    rules::check(stored, asked, rules::Strictness::Requests)
+}
+
+/// Checks two conversations' user turns (as analysed) for a contrast only: each names its
+/// own value of the same kind (a number, a day, a time), or one negates or reverses what the
+/// other says. What only one side mentions does not refuse, nor do names (over a whole chat
+/// they mostly belong to other topics) or quantifiers.
+pub fn contrasts(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection> {
+    rules::check(stored, asked, rules::Strictness::Contrasts)
+}
+
+/// Checks one turn said on both sides of two conversations (as analysed) for a contrast, as
+/// [`contrasts`] does, names included ("I'm on the Unlimited plan" / "on the Core plan").
+pub fn aligned(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection> {
+    rules::check(stored, asked, rules::Strictness::Aligned)
 }
 
 /// Checks whether the answer stored for `stored` may be served for `asked`, analysing both.

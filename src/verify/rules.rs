@@ -10,7 +10,7 @@ use super::{Analysis, Reason, Rejection};
 /// Whether each prompt names a number the other does not ("order 1182" / "order 1183"). A
 /// number only one prompt adds is mostly detail ("lose weight in 3 months"). "one" is only a
 /// number when the other prompt has a 1 in its place ("one-minute" / "1 minute").
-fn numbers_differ(a: &Analysis, b: &Analysis) -> bool {
+fn numbers_differ(a: &Analysis, b: &Analysis, alone: bool) -> bool {
     let has_one = |tokens: &[Token]| tokens.iter().any(|t| t.word == "one");
     let (one_a, one_b) = (has_one(&a.tokens), has_one(&b.tokens));
     // "one beer" / "five beers": "one" stands against another number.
@@ -30,7 +30,8 @@ fn numbers_differ(a: &Analysis, b: &Analysis) -> bool {
         extra(&numbers_a, &numbers_b, one_b),
         extra(&numbers_b, &numbers_a, one_a),
     );
-    (extra_a > 0 && (extra_b > 0 || counts_ranked(&a.tokens))) || (extra_b > 0 && counts_ranked(&b.tokens))
+    (extra_a > 0 && (extra_b > 0 || alone && counts_ranked(&a.tokens)))
+        || (alone && extra_b > 0 && counts_ranked(&b.tokens))
 }
 
 /// A number that counts a superlative ("the five tallest"): without it, the question
@@ -232,9 +233,24 @@ fn scope_words<'a>(tokens: &[&'a Token], all: &'a [Token]) -> BTreeSet<&'a str> 
     found
 }
 
+/// How much a difference must show to refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Strictness {
+    /// Two requests: a few words refuse even when only one prompt has them (a day, "next
+    /// week", "the five tallest").
+    Requests,
+    /// Two conversations' user turns: only a contrast refuses, each side taking its own
+    /// value of the same kind. Over a whole chat, detail one side alone mentions is mostly
+    /// another topic, and so are names.
+    Contrasts,
+    /// One turn said on both sides of two conversations: a contrast refuses, names too.
+    Aligned,
+}
+
 /// Checks whether the answer stored for the prompt analysed as `stored` may be served for the
 /// one analysed as `asked`.
-pub(super) fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection> {
+pub(super) fn check(stored: &Analysis, asked: &Analysis, strictness: Strictness) -> Result<(), Rejection> {
+    let alone = strictness == Strictness::Requests;
     let (a, b) = (&stored.tokens[..], &asked.tokens[..]);
     let reject = |reason, detail: String| Err(Rejection { reason, detail });
 
@@ -242,7 +258,7 @@ pub(super) fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection
         return reject(Reason::Negation, "one prompt is negated".to_owned());
     }
 
-    if numbers_differ(stored, asked) {
+    if numbers_differ(stored, asked, alone) {
         return reject(
             Reason::Number,
             format!("{:?} vs {:?}", stored.numbers, asked.numbers),
@@ -261,7 +277,13 @@ pub(super) fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection
         words_in(&only_a, DATE_TIME_WORDS),
         words_in(&only_b, DATE_TIME_WORDS),
     );
-    if !dates_a.is_empty() || !dates_b.is_empty() {
+    // A day or time alone refuses between requests; between conversations, each must have one.
+    let dates_refuse = if alone {
+        !dates_a.is_empty() || !dates_b.is_empty()
+    } else {
+        !dates_a.is_empty() && !dates_b.is_empty()
+    };
+    if dates_refuse {
         return reject(Reason::DateTime, format!("{dates_a:?} vs {dates_b:?}"));
     }
     let (loose_a, loose_b) = (
@@ -273,8 +295,13 @@ pub(super) fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection
     }
     let (relative_a, relative_b) = (&stored.relative_times, &asked.relative_times);
     let pointed = |relative: &BTreeSet<String>| relative.iter().any(|r| !r.starts_with("this "));
-    let one_sided = relative_a.is_empty() || relative_b.is_empty();
-    if relative_a != relative_b && (!one_sided || pointed(relative_a) || pointed(relative_b)) {
+    let one_sided = if alone {
+        relative_a.is_empty() || relative_b.is_empty()
+    } else {
+        // Over whole conversations: a contrast is a relative time each side has alone.
+        relative_a.is_subset(relative_b) || relative_b.is_subset(relative_a)
+    };
+    if relative_a != relative_b && (!one_sided || alone && (pointed(relative_a) || pointed(relative_b))) {
         return reject(Reason::DateTime, format!("{relative_a:?} vs {relative_b:?}"));
     }
     let (units_a, units_b) = (words_in(&only_a, TIME_UNITS), words_in(&only_b, TIME_UNITS));
@@ -294,7 +321,9 @@ pub(super) fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection
             .collect()
     };
     let (names_a, names_b) = (names(&only_a), names(&only_b));
-    if names_differ(&names_a, &names_b) {
+    // Over whole conversations, names mostly belong to other topics ("my March statement",
+    // "my trip to Lisbon"): they are compared where the request is (its antecedent).
+    if strictness != Strictness::Contrasts && names_differ(&names_a, &names_b) {
         return reject(Reason::Entity, format!("{names_a:?} vs {names_b:?}"));
     }
 
@@ -316,7 +345,7 @@ pub(super) fn check(stored: &Analysis, asked: &Analysis) -> Result<(), Rejection
             .collect(),
     );
     let strong = |scope: &BTreeSet<&str>| scope.iter().any(|w| ONE_SIDED_SCOPE.contains(w));
-    if (!scope_a.is_empty() && !scope_b.is_empty()) || strong(&scope_a) || strong(&scope_b) {
+    if alone && ((!scope_a.is_empty() && !scope_b.is_empty()) || strong(&scope_a) || strong(&scope_b)) {
         return reject(Reason::Scope, format!("{scope_a:?} vs {scope_b:?}"));
     }
     Ok(())

@@ -218,6 +218,20 @@ async fn conversation_pairs_are_keyed_as_the_server_keys_chats() {
         "{table}"
     );
     assert!(table.contains("| context_swap (trap) | 1 |"), "{table}");
+    let semantic = semcache(&[
+        "eval",
+        "conversations",
+        file.to_str().unwrap(),
+        "--context",
+        "semantic",
+    ]);
+    assert!(
+        semantic.status.success(),
+        "{}",
+        String::from_utf8_lossy(&semantic.stderr)
+    );
+    let table = String::from_utf8(semantic.stdout).unwrap();
+    assert!(table.contains("context compared semantic"), "{table}");
 
     let bad = guard.0.join("bad.jsonl");
     std::fs::write(
@@ -293,4 +307,36 @@ async fn the_conversation_suite_is_labelled_and_exact_context_is_its_baseline() 
         at_default.should_hit_rate < 0.5,
         "the baseline misses most follow-ups: {at_default:?}"
     );
+}
+
+/// The semantic conversation matcher on the team's suite, at the default threshold: it serves
+/// a third of the follow-ups (exact context serves none) and at most 5% of the traps, no more
+/// than 2 of a kind; and `eval conversations --context semantic` says which context it
+/// compared. The bounds sit below today's figures (README) so that a change that loses
+/// follow-ups or lets traps through fails here.
+#[tokio::test]
+async fn the_semantic_matcher_serves_follow_ups_and_refuses_traps_on_the_suite() {
+    let pairs = eval::read_conversations(Path::new(CONVERSATIONS)).unwrap();
+    let grid = Grid::parse("0.70:0.98:0.02").unwrap().with(0.82);
+    let report = eval::eval_conversations_semantic(&embedder(), &pairs, &grid)
+        .await
+        .unwrap();
+    assert_eq!(report.context, "semantic");
+    let at_default = report
+        .verified
+        .iter()
+        .find(|row| (row.threshold - 0.82).abs() < 1e-4)
+        .unwrap();
+    assert!(
+        at_default.should_hit_rate >= 0.33,
+        "follow-ups served: {at_default:?}"
+    );
+    assert!(at_default.trap_rate <= 0.05, "traps served: {at_default:?}");
+    for kind in eval::Kind::ALL.iter().filter(|kind| !kind.should_hit()) {
+        assert!(
+            at_default.served_by_kind[kind.name()] <= 2,
+            "{}: {at_default:?}",
+            kind.name()
+        );
+    }
 }
