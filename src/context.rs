@@ -106,10 +106,11 @@ impl Context {
     }
 
     pub fn analysed(self) -> Analysed {
+        let user_text = self.user_text();
         Analysed {
             compared: Analysis::of(&self.compared_text()),
-            facts: Analysis::of(&self.user_text()),
-            decisions: Decisions::of(&self.user_text()),
+            facts: Analysis::of(&user_text),
+            decisions: Decisions::of(&user_text),
             turns: self
                 .turns
                 .iter()

@@ -108,12 +108,18 @@ impl ChatRequest {
         })
     }
 
-    /// What the cache keys on, or `None` when the request has no user message to key on.
-    pub fn cache_input(&self) -> Option<CacheInput> {
+    /// The messages and the index of the last user message among them, if there is one.
+    fn last_user_message(&self) -> Option<(&[Value], usize)> {
         let messages = self.body.get("messages")?.as_array()?;
         let last_user = messages
             .iter()
             .rposition(|m| m.get("role") == Some(&Value::from("user")))?;
+        Some((messages, last_user))
+    }
+
+    /// What the cache keys on, or `None` when the request has no user message to key on.
+    pub fn cache_input(&self) -> Option<CacheInput> {
+        let (_, last_user) = self.last_user_message()?;
 
         let mut context = self.body.clone();
         for field in NOT_IN_FINGERPRINT {
@@ -160,10 +166,7 @@ impl ChatRequest {
     /// `None` when one is not (tool calls and results, images, a message after the last user
     /// one): such a history is only ever matched exactly.
     pub fn earlier_turns(&self) -> Option<Vec<Turn>> {
-        let messages = self.body.get("messages")?.as_array()?;
-        let last_user = messages
-            .iter()
-            .rposition(|m| m.get("role") == Some(&Value::from("user")))?;
+        let (messages, last_user) = self.last_user_message()?;
         if last_user + 1 != messages.len() {
             return None;
         }

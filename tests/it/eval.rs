@@ -18,6 +18,17 @@ fn semcache(args: &[&str]) -> std::process::Output {
         .expect("the semcache binary runs")
 }
 
+/// What `semcache args` prints, once it has succeeded (its errors shown when it has not).
+fn semcache_stdout(args: &[&str]) -> Vec<u8> {
+    let output = semcache(args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
 /// On the trap suite, where the threshold alone serves most traps, the verifier removes most
 /// of them and keeps the paraphrases: measured through the server's lookup.
 #[tokio::test]
@@ -51,7 +62,7 @@ fn eval_pairs_prints_json_and_draws_a_plot() {
     let dir = &guard.0;
     std::fs::create_dir_all(dir).unwrap();
     let plot = dir.join("pairs.png");
-    let output = semcache(&[
+    let output = semcache_stdout(&[
         "eval",
         "pairs",
         TRAPS,
@@ -61,12 +72,7 @@ fn eval_pairs_prints_json_and_draws_a_plot() {
         "--plot",
         plot.to_str().unwrap(),
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report: Value = serde_json::from_slice(&output).unwrap();
     assert_eq!(report["pairs"], 40);
     assert_eq!(report["plain"].as_array().unwrap().len(), 15);
     let png = std::fs::read(&plot).unwrap();
@@ -96,19 +102,14 @@ fn eval_intents_reports_wrong_answers_by_intent() {
          What is the exchange rate for euros today?,exchange_rate\n",
     )
     .unwrap();
-    let output = semcache(&[
+    let output = semcache_stdout(&[
         "eval",
         "intents",
         train.to_str().unwrap(),
         test.to_str().unwrap(),
         "--json",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report: Value = serde_json::from_slice(&output).unwrap();
     assert_eq!(report["stored"], 3);
     assert_eq!(report["asked"], 3);
     let at = |rows: &Value| {
@@ -133,13 +134,8 @@ fn eval_intents_reports_wrong_answers_by_intent() {
 
 #[test]
 fn calibrate_recommends_a_threshold_and_refuses_an_impossible_rate() {
-    let output = semcache(&["calibrate", TRAPS, "--max-false-hit-rate", "0.05"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).unwrap();
+    let output = semcache_stdout(&["calibrate", TRAPS, "--max-false-hit-rate", "0.05"]);
+    let text = String::from_utf8(output).unwrap();
     assert!(text.contains("Recommended threshold: 0."), "{text}");
     assert!(text.contains("\"threshold\""), "{text}");
 
@@ -206,31 +202,21 @@ async fn conversation_pairs_are_keyed_as_the_server_keys_chats() {
         assert_eq!(row.served_by_kind["irrelevant_history"], 0, "{row:?}");
     }
 
-    let output = semcache(&["eval", "conversations", file.to_str().unwrap()]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let table = String::from_utf8(output.stdout).unwrap();
+    let output = semcache_stdout(&["eval", "conversations", file.to_str().unwrap()]);
+    let table = String::from_utf8(output).unwrap();
     assert!(
         table.contains("6 conversation pairs") && table.contains("context compared exact"),
         "{table}"
     );
     assert!(table.contains("| context_swap (trap) | 1 |"), "{table}");
-    let semantic = semcache(&[
+    let semantic = semcache_stdout(&[
         "eval",
         "conversations",
         file.to_str().unwrap(),
         "--context",
         "semantic",
     ]);
-    assert!(
-        semantic.status.success(),
-        "{}",
-        String::from_utf8_lossy(&semantic.stderr)
-    );
-    let table = String::from_utf8(semantic.stdout).unwrap();
+    let table = String::from_utf8(semantic).unwrap();
     assert!(table.contains("context compared semantic"), "{table}");
 
     let bad = guard.0.join("bad.jsonl");
