@@ -14,6 +14,9 @@ use crate::verify::{self, Rejection};
 /// expired or refused one gives way to the next.
 const CANDIDATES: usize = 4;
 
+/// Largest partition searched on the request's own thread (see [`Cache::lookup_semantic`]).
+const INLINE_SEARCH_MAX: usize = 4096;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HitKind {
     /// The same prompt in the same context; no embedding was computed.
@@ -152,8 +155,10 @@ impl Cache {
     }
 
     /// A search by meaning among the entries of the same tenant and context. Embedding runs
-    /// on a batching thread, and the search on a blocking thread: with the verifier it takes a
-    /// few hundred microseconds at 100k entries, too long to hold an async worker.
+    /// on a batching thread. The search runs where the request does while its partition is
+    /// small (tens of microseconds), and on a blocking thread past [`INLINE_SEARCH_MAX`]
+    /// entries: with the verifier it takes a few hundred microseconds at 100k entries, too long
+    /// to hold an async worker. The hop to a blocking thread costs about 0.2 ms on its own.
     async fn lookup_semantic(
         self: &Arc<Self>,
         key: &RequestKey,
@@ -161,10 +166,18 @@ impl Cache {
     ) -> Result<Lookup, Error> {
         // With nothing to compare with (a new conversation, a new tenant), the embedding is not
         // needed before the upstream call: the caller can compute it alongside, for storing.
-        if !key.is_semantic() || self.index.partition_len(&key.partition()) == 0 {
+        let entries = if key.is_semantic() {
+            self.index.partition_len(&key.partition())
+        } else {
+            0
+        };
+        if entries == 0 {
             return Ok(Lookup::Miss(Miss::default()));
         }
         let embedding = self.embed(&key.prompt).await?;
+        if entries <= INLINE_SEARCH_MAX {
+            return Ok(self.lookup_embedded(key, embedding, criteria));
+        }
         let cache = Arc::clone(self);
         let (key, criteria) = (key.clone(), *criteria);
         tokio::task::spawn_blocking(move || cache.lookup_embedded(&key, embedding, &criteria))
