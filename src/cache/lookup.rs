@@ -15,7 +15,7 @@ use crate::verify::{self, Rejection};
 const CANDIDATES: usize = 4;
 
 /// Largest partition searched on the request's own thread (see [`Cache::lookup_semantic`]).
-const INLINE_SEARCH_MAX: usize = 4096;
+pub(super) const INLINE_SEARCH_MAX: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HitKind {

@@ -475,6 +475,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_partition_past_the_inline_bound_is_searched_on_the_blocking_pool_alike() {
+        let cache = Arc::new(Cache::new(
+            Arc::new(FirstLetter { fails: false }),
+            Config::default(),
+        ));
+        let unverified = Criteria { verify: false, ..ANY };
+        for size in [lookup::INLINE_SEARCH_MAX, lookup::INLINE_SEARCH_MAX + 1] {
+            while cache.index.partition_len(&key("a").partition()) < size {
+                let n = cache.len();
+                let prompt = format!("{}{n}", char::from(b'a' + (n % 25) as u8));
+                fill(&cache, &[&prompt]).await;
+            }
+            match cache.lookup(&key("banana split"), &unverified).await.unwrap() {
+                Lookup::Hit(hit) => {
+                    assert!(hit.entry.prompt.starts_with('b'), "{size}: {}", hit.entry.prompt)
+                }
+                Lookup::Miss(miss) => panic!("{size} entries: a miss, {miss:?}"),
+            }
+            match cache.lookup(&key("zebra"), &unverified).await.unwrap() {
+                Lookup::Miss(miss) => assert!(miss.nearest.is_some_and(|s| s < 0.5), "{size}: {miss:?}"),
+                Lookup::Hit(hit) => panic!("{size} entries: zebra served {}", hit.entry.prompt),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn expired_entries_are_never_served() {
         let cache = Arc::new(Cache::new(
             Arc::new(FirstLetter { fails: false }),

@@ -39,9 +39,10 @@ const PASS_BUDGET: usize = 4 * WINDOW_BYTES * WINDOW_BYTES;
 /// Longest wait for more prompts before a pass, under load only.
 pub const MAX_WAIT: Duration = Duration::from_millis(2);
 /// How long the queue stays dry before the embedder hears it is idle ([`Embedder::idle`]).
-/// Giving memory back takes the ONNX backend a few milliseconds on the worker's thread: done
-/// the moment the queue ran dry, the next prompt waited behind it, which under steady traffic
-/// is most prompts (a lone semantic hit took 1.47 x one embedding instead of about 1.1 x).
+/// Giving memory back takes the ONNX backend 3 to 7 ms on the worker's thread, and a prompt
+/// that arrives meanwhile waits behind it: done the moment the queue ran dry, that is every
+/// prompt of steady traffic which comes just after the one before. Not measured to matter in
+/// the proxy bench (its semantic hit took 1.45 x one embedding with it, 1.47 x without).
 const IDLE_AFTER: Duration = if cfg!(test) {
     Duration::from_millis(10)
 } else {

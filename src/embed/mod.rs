@@ -147,7 +147,8 @@ pub trait Embedder: Send + Sync {
         std::thread::available_parallelism().map_or(1, usize::from)
     }
 
-    /// Called when the batcher's queue runs dry after a pass: a backend whose passes leave
+    /// Called when the batcher's queue has stayed dry for a moment after a pass (200 ms,
+    /// `batch::IDLE_AFTER`), once per dry spell: a backend whose passes leave
     /// memory the process no longer uses can give it back here. By default, nothing.
     fn idle(&self) {}
 }
