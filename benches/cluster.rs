@@ -164,6 +164,7 @@ fn record(i: usize, rng: &mut StdRng) -> Record {
         last_hit_ms: 0,
         own_threshold: 0.0,
         wrong_reports: 0,
+        context: None,
     }
 }
 

@@ -90,6 +90,7 @@ fn fill(store: &Store, n: usize, rng: &mut StdRng) {
                     last_hit_ms: 0,
                     own_threshold: 0.0,
                     wrong_reports: 0,
+                    context: None,
                 }))
             })
             .collect();

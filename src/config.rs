@@ -130,10 +130,24 @@ pub struct EvalConversationsArgs {
 }
 
 /// How a conversation's earlier turns are compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ContextMode {
+    /// Every earlier message is part of the context fingerprint, word for word.
+    #[default]
     Exact,
+    /// The user and assistant turns are compared by meaning, with the last message; the
+    /// model, system prompt, tools and parameters stay exact.
     Semantic,
+}
+
+impl ContextMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContextMode::Exact => "exact",
+            ContextMode::Semantic => "semantic",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -205,6 +219,12 @@ pub struct ServeArgs {
     /// Check semantic hits with the hit verifier (negation, numbers, dates, names, quantifiers).
     #[arg(long, env = "SEMCACHE_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub verify: bool,
+
+    /// How a conversation's earlier turns are compared: `exact` (word for word, part of the
+    /// context) or `semantic` (by meaning, with the last message; details and decisions that
+    /// differ refuse).
+    #[arg(long, env = "SEMCACHE_CONTEXT", value_enum, default_value_t = ContextMode::Exact)]
+    pub context: ContextMode,
 
     /// Folder for the cache's durable data (the embedded store and saved settings), unless
     /// --store names a shared one.

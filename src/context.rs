@@ -17,6 +17,8 @@
 
 use std::collections::BTreeSet;
 
+use serde::{Deserialize, Serialize};
+
 use crate::verify::{self, Analysis, Reason, Rejection};
 
 /// User text kept of a conversation's earlier turns for the contrast check, from the newest
@@ -30,8 +32,9 @@ pub struct Turn {
     pub text: String,
 }
 
-/// A conversation as the matcher reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A conversation as the matcher reads it. An entry stored with a context keeps this (bounded
+/// by [`MAX_FACTS_BYTES`] of user text and [`PROMPT_BYTES`] of each assistant turn).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Context {
     /// The last user message without its chatter.
     pub request: String,
@@ -43,7 +46,7 @@ pub struct Context {
 }
 
 /// A user turn, with the end of the assistant message it answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserTurn {
     /// The last [`PROMPT_BYTES`] of the assistant message before it (empty when none).
     pub after: String,

@@ -86,6 +86,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         Some(saved) => {
             tracing::info!(
                 threshold = saved.threshold,
+                context = saved.context.as_str(),
                 "using settings saved by the admin API"
             );
             saved
@@ -93,6 +94,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         None => Settings {
             threshold: args.threshold,
             verify: args.verify,
+            context: args.context,
         },
     };
     let prices = match &args.prices {

@@ -9,12 +9,16 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use crate::config::ContextMode;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// Cosine similarity at or above which a cached answer is served.
     pub threshold: f32,
     /// Whether semantic hits must pass the hit verifier.
     pub verify: bool,
+    /// How a conversation's earlier turns are compared.
+    pub context: ContextMode,
 }
 
 pub type SharedSettings = Arc<ArcSwap<Settings>>;
@@ -31,6 +35,9 @@ struct SettingsFile {
     threshold: f32,
     #[serde(default = "default_verify")]
     verify: bool,
+    /// Absent in files written before the mode existed, when every context was exact.
+    #[serde(default)]
+    context: ContextMode,
 }
 
 fn default_verify() -> bool {
@@ -46,6 +53,7 @@ pub fn to_json(settings: &Settings) -> String {
         version: FILE_VERSION,
         threshold: settings.threshold,
         verify: settings.verify,
+        context: settings.context,
     })
     .expect("settings serialise")
 }
@@ -56,6 +64,7 @@ pub fn from_json(json: &str) -> Option<Settings> {
     (file.version == FILE_VERSION && (0.0..=1.0).contains(&file.threshold)).then_some(Settings {
         threshold: file.threshold,
         verify: file.verify,
+        context: file.context,
     })
 }
 
@@ -139,6 +148,7 @@ impl SettingsStore {
         Ok(Some(Settings {
             threshold: file.threshold,
             verify: file.verify,
+            context: file.context,
         }))
     }
 
@@ -154,6 +164,7 @@ impl SettingsStore {
             version: FILE_VERSION,
             threshold: settings.threshold,
             verify: settings.verify,
+            context: settings.context,
         })
         .expect("settings serialise");
         let temp = self.path.with_extension("json.tmp");
@@ -182,13 +193,15 @@ mod tests {
             .save(&Settings {
                 threshold: 0.9,
                 verify: false,
+                context: ContextMode::Semantic,
             })
             .unwrap();
         assert_eq!(
             store.load().unwrap(),
             Some(Settings {
                 threshold: 0.9,
-                verify: false
+                verify: false,
+                context: ContextMode::Semantic,
             })
         );
         std::fs::write(dir.join(FILE_NAME), r#"{"version": 99, "threshold": 0.9}"#).unwrap();

@@ -183,6 +183,10 @@ pub struct Stats {
     cache_failures: AtomicU64,
     exact_hits: AtomicU64,
     semantic_hits: AtomicU64,
+    /// Semantic hits compared in a conversation (semantic context mode); not in `semantic_hits`.
+    conversation_hits: AtomicU64,
+    /// Misses of requests compared in a conversation whose best candidate was refused.
+    conversation_refusals: AtomicU64,
     misses: AtomicU64,
     bypassed: AtomicU64,
     upstream_calls: AtomicU64,
@@ -192,7 +196,11 @@ pub struct Stats {
     cost_saved_pico: AtomicU64,
     latency_saved_micros: AtomicU64,
     pub hit_similarity: Histogram,
+    /// Best candidates of lookups that missed, for requests compared without a conversation.
     pub near_miss_similarity: Histogram,
+    /// The same for requests compared in a conversation: the similarity of the request with
+    /// what it refers back to.
+    pub conversation_near_miss_similarity: Histogram,
     /// Candidates above the threshold refused by the verifier, by reason (`Reason::ALL` order).
     refusals: [AtomicU64; Reason::ALL.len()],
     feedback_correct: AtomicU64,
@@ -278,6 +286,8 @@ pub struct Snapshot {
     pub hits: u64,
     pub exact_hits: u64,
     pub semantic_hits: u64,
+    pub conversation_hits: u64,
+    pub conversation_refusals: u64,
     pub misses: u64,
     pub bypassed: u64,
     pub upstream_calls: u64,
@@ -288,6 +298,7 @@ pub struct Snapshot {
     pub latency_saved_ms: f64,
     pub hit_similarity: [u64; BUCKETS],
     pub near_miss_similarity: [u64; BUCKETS],
+    pub conversation_near_miss_similarity: [u64; BUCKETS],
     pub refusals: Vec<(Reason, u64)>,
     pub feedback_correct: u64,
     pub feedback_wrong: u64,
@@ -367,6 +378,7 @@ impl Stats {
         match kind {
             HitKind::Exact => self.exact_hits.fetch_add(1, Relaxed),
             HitKind::Semantic => self.semantic_hits.fetch_add(1, Relaxed),
+            HitKind::Conversation => self.conversation_hits.fetch_add(1, Relaxed),
         };
         self.hit_similarity.observe(similarity);
         self.prompt_tokens_saved.fetch_add(usage.prompt_tokens, Relaxed);
@@ -390,12 +402,27 @@ impl Stats {
     }
 
     /// A request that went to the upstream after a lookup; `nearest` is the best candidate
-    /// not served (below the threshold, or refused by the verifier for `refused`).
-    pub fn record_miss(&self, model: &str, tenant: TenantId, nearest: Option<f32>, refused: Option<Reason>) {
+    /// not served (below the threshold, or refused by the verifier for `refused`);
+    /// `conversation` when the request was compared in its conversation.
+    pub fn record_miss(
+        &self,
+        model: &str,
+        tenant: TenantId,
+        nearest: Option<f32>,
+        refused: Option<Reason>,
+        conversation: bool,
+    ) {
         self.count_request(model, tenant);
         self.misses.fetch_add(1, Relaxed);
         if let Some(similarity) = nearest {
-            self.near_miss_similarity.observe(similarity);
+            if conversation {
+                self.conversation_near_miss_similarity.observe(similarity);
+            } else {
+                self.near_miss_similarity.observe(similarity);
+            }
+        }
+        if conversation && refused.is_some() {
+            self.conversation_refusals.fetch_add(1, Relaxed);
         }
         if let Some(reason) = refused {
             let slot = Reason::ALL
@@ -457,7 +484,9 @@ impl Stats {
     }
 
     fn hits(&self) -> u64 {
-        self.exact_hits.load(Relaxed) + self.semantic_hits.load(Relaxed)
+        self.exact_hits.load(Relaxed)
+            + self.semantic_hits.load(Relaxed)
+            + self.conversation_hits.load(Relaxed)
     }
 
     fn requests(&self) -> u64 {
@@ -484,6 +513,7 @@ impl Stats {
     pub fn snapshot(&self) -> Snapshot {
         let exact_hits = self.exact_hits.load(Relaxed);
         let semantic_hits = self.semantic_hits.load(Relaxed);
+        let conversation_hits = self.conversation_hits.load(Relaxed);
         let misses = self.misses.load(Relaxed);
         let bypassed = self.bypassed.load(Relaxed);
         let mut by_model: Vec<_> = self
@@ -506,10 +536,12 @@ impl Stats {
             rejected: self.rejected.load(Relaxed),
             shed: self.shed.load(Relaxed),
             cache_failures: self.cache_failures.load(Relaxed),
-            requests: exact_hits + semantic_hits + misses + bypassed,
-            hits: exact_hits + semantic_hits,
+            requests: exact_hits + semantic_hits + conversation_hits + misses + bypassed,
+            hits: exact_hits + semantic_hits + conversation_hits,
             exact_hits,
             semantic_hits,
+            conversation_hits,
+            conversation_refusals: self.conversation_refusals.load(Relaxed),
             misses,
             bypassed,
             upstream_calls: self.upstream_calls.load(Relaxed),
@@ -520,6 +552,7 @@ impl Stats {
             latency_saved_ms: self.latency_saved_micros.load(Relaxed) as f64 / 1000.0,
             hit_similarity: self.hit_similarity.counts(),
             near_miss_similarity: self.near_miss_similarity.counts(),
+            conversation_near_miss_similarity: self.conversation_near_miss_similarity.counts(),
             refusals: Reason::ALL
                 .iter()
                 .zip(&self.refusals)
@@ -595,16 +628,28 @@ mod tests {
             Duration::from_millis(900),
         );
         stats.record_hit("local", tenant, HitKind::Semantic, 0.9, usage, Duration::ZERO);
-        stats.record_miss("gpt-4o-mini", tenant, Some(0.5), Some(Reason::Number));
+        stats.record_miss("gpt-4o-mini", tenant, Some(0.5), Some(Reason::Number), false);
+        stats.record_miss("gpt-4o-mini", tenant, Some(0.7), Some(Reason::Intent), true);
+        stats.record_hit("local", tenant, HitKind::Conversation, 0.9, usage, Duration::ZERO);
         stats.record_bypass("gpt-4o-mini", tenant);
         let s = stats.snapshot();
-        assert_eq!((s.requests, s.hits, s.misses, s.bypassed), (4, 2, 1, 1));
-        assert_eq!(s.tokens_saved(), 4_000_000);
+        assert_eq!((s.requests, s.hits, s.misses, s.bypassed), (6, 3, 2, 1));
+        assert_eq!(
+            (s.semantic_hits, s.conversation_hits, s.conversation_refusals),
+            (1, 1, 1)
+        );
+        assert_eq!(s.tokens_saved(), 6_000_000);
         assert!((s.cost_saved_usd - 0.75).abs() < 1e-9, "{}", s.cost_saved_usd);
         assert_eq!(s.unpriced_models(), vec!["local"]);
         assert_eq!(s.hit_similarity[BUCKETS - 1], 1);
-        assert_eq!(s.hit_similarity[18], 1);
+        assert_eq!(s.hit_similarity[18], 2);
         assert_eq!(s.near_miss_similarity[10], 1);
+        assert_eq!(
+            s.near_miss_similarity.iter().sum::<u64>(),
+            1,
+            "a conversation's apart"
+        );
+        assert_eq!(s.conversation_near_miss_similarity[14], 1);
         assert!(s.refusals.contains(&(Reason::Number, 1)));
         assert_eq!(s.latency_saved_ms, 900.0);
     }
@@ -612,7 +657,7 @@ mod tests {
     #[test]
     fn history_records_per_interval_counts() {
         let stats = Stats::default();
-        stats.record_miss("m", TenantId::shared(), None, None);
+        stats.record_miss("m", TenantId::shared(), None, None, false);
         stats.tick();
         stats.record_bypass("m", TenantId::shared());
         stats.record_bypass("m", TenantId::shared());

@@ -1,13 +1,14 @@
 //! An entry: a stored answer with what identifies it, its lifetime and how it has been used.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use super::{Eviction, ExactKey, Fingerprint, TenantId};
-use crate::store::Record;
+use crate::context::Analysed;
+use crate::store::{Record, RecordContext};
 use crate::verify;
 
 /// Token counts of an answer, as the upstream reported them.
@@ -34,8 +35,13 @@ pub struct Entry {
     pub id: u64,
     pub tenant: TenantId,
     pub fingerprint: Fingerprint,
+    /// The text compared by meaning: the prompt, or in a conversation the request with what it
+    /// refers back to.
     pub prompt: String,
     pub exact: ExactKey,
+    /// The conversation the entry was stored in (semantic context mode, earlier turns
+    /// present), read by the matcher.
+    pub context: Option<Arc<Analysed>>,
     pub answer: Answer,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
@@ -159,5 +165,9 @@ pub(super) fn record_of(entry: &Entry, embedding: Option<Vec<f32>>) -> Record {
         last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
         own_threshold: entry.own_threshold(),
         wrong_reports: entry.wrong_reports.load(Ordering::Relaxed),
+        context: entry.context.as_ref().map(|analysed| RecordContext {
+            exact: entry.exact.0 .0,
+            context: analysed.context.clone(),
+        }),
     }
 }

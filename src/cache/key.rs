@@ -1,9 +1,12 @@
 //! What identifies a cached answer: the tenant, the context fingerprint and the prompt.
 
 use std::fmt;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use crate::config::ContextMode;
+use crate::context::{Analysed, Context, Turn};
 use crate::index::PartitionId;
 
 /// A SHA-256 digest, shown as hex.
@@ -72,6 +75,20 @@ pub struct CacheInput {
     /// The text compared by meaning (for chat completions, the last user message's text
     /// parts, joined by newlines).
     pub prompt: String,
+    /// The earlier turns, for the semantic context mode: present when the request has user or
+    /// assistant turns before its last user message and all of them are plain text.
+    pub conversation: Option<Conversation>,
+}
+
+/// A request's earlier turns, apart from the rest of its context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The fingerprint without the user and assistant turns before the last user message: what
+    /// stays exact in the semantic context mode (model, system prompt, tools, parameters). A
+    /// request without earlier turns has this fingerprint as its own.
+    pub fingerprint: Fingerprint,
+    /// The earlier user and assistant turns, oldest first; never empty.
+    pub turns: Vec<Turn>,
 }
 
 /// The exact-match key: tenant, fingerprint and the prompt byte for byte.
@@ -95,6 +112,13 @@ pub struct RequestKey {
     /// The text that is embedded: the last user message.
     pub prompt: String,
     pub exact: ExactKey,
+    /// The conversation, read by the matcher, when the request is compared in its context (the
+    /// semantic context mode, earlier turns present): then `fingerprint` leaves the earlier turns
+    /// out, `prompt` is the request with what it refers back to ([`Context::compared_text`]),
+    /// and `exact` still covers the whole conversation.
+    pub context: Option<Arc<Analysed>>,
+    /// Whether entries stored with a context may answer (the semantic context mode).
+    pub conversations: bool,
 }
 
 impl RequestKey {
@@ -105,6 +129,32 @@ impl RequestKey {
             fingerprint,
             prompt,
             exact,
+            context: None,
+            conversations: false,
+        }
+    }
+
+    /// The key of a request under `mode`. A request without earlier turns has the same key in
+    /// both modes, so single-message entries serve either.
+    pub fn of_input(tenant: TenantId, input: CacheInput, mode: ContextMode) -> Self {
+        let semantic = mode == ContextMode::Semantic;
+        match input.conversation {
+            Some(conversation) if semantic => {
+                let exact = ExactKey::of(tenant, input.fingerprint, &input.prompt);
+                let context = Context::of(&conversation.turns, &input.prompt);
+                Self {
+                    tenant,
+                    fingerprint: conversation.fingerprint,
+                    prompt: context.compared_text(),
+                    exact,
+                    context: Some(Arc::new(context.analysed())),
+                    conversations: true,
+                }
+            }
+            _ => Self {
+                conversations: semantic,
+                ..Self::new(tenant, input.fingerprint, input.prompt)
+            },
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{Cache, Entry, Error, RequestKey};
+use crate::context::{self, Context};
 use crate::embed;
 use crate::store::EntryStore;
 use crate::verify::{self, Rejection};
@@ -23,6 +24,9 @@ pub enum HitKind {
     Exact,
     /// A prompt close enough in meaning, in the same context.
     Semantic,
+    /// A request close enough in meaning whose conversation (its own or the entry's) was
+    /// compared turn by turn: the semantic context mode.
+    Conversation,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +211,11 @@ impl Cache {
             if candidate.similarity < entry.own_threshold() {
                 continue;
             }
+            let in_conversation = key.context.is_some() || entry.context.is_some();
+            if entry.context.is_some() && !key.conversations {
+                // Stored in a conversation; this request's earlier turns, if any, are exact.
+                continue;
+            }
             if criteria.verify {
                 let query_seen = *query_seen.get_or_insert_with(|| self.embedder.seen_len(&key.prompt));
                 let entry_seen = *entry
@@ -214,6 +223,12 @@ impl Cache {
                     .get_or_init(|| self.embedder.seen_len(&entry.prompt));
                 let verdict =
                     verify::unseen(&key.prompt, query_seen, &entry.prompt, entry_seen).and_then(|()| {
+                        if in_conversation {
+                            let alone = |prompt: &str| Arc::new(Context::of(&[], prompt).analysed());
+                            let stored = entry.context.clone().unwrap_or_else(|| alone(&entry.prompt));
+                            let asked = key.context.clone().unwrap_or_else(|| alone(&key.prompt));
+                            return context::check(&stored, &asked);
+                        }
                         let stored = entry.analysis.get_or_init(|| verify::Analysis::of(&entry.prompt));
                         verify::check(
                             stored,
@@ -231,10 +246,15 @@ impl Cache {
             entry
                 .last_similarity
                 .store(similarity.to_bits(), Ordering::Relaxed);
+            let kind = if in_conversation {
+                HitKind::Conversation
+            } else {
+                HitKind::Semantic
+            };
             return Lookup::Hit(Hit {
                 entry,
                 similarity,
-                kind: HitKind::Semantic,
+                kind,
             });
         }
         if let Some((_, similarity)) = &refused {

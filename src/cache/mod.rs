@@ -29,7 +29,9 @@ use rand::Rng;
 pub use entry::{expiry, Answer, Entry, Usage, MAX_TTL};
 pub use feedback::Feedback;
 pub use flight::{Flight, FlightOutcome, Join};
-pub use key::{partition_of, CacheInput, Digest32, ExactKey, Fingerprint, RequestKey, TenantId};
+pub use key::{
+    partition_of, CacheInput, Conversation, Digest32, ExactKey, Fingerprint, RequestKey, TenantId,
+};
 pub use lookup::{Criteria, Hit, HitKind, Lookup, Miss};
 pub use protocol::{Invalid, Protocol, Replay, StreamItem, StreamReader};
 pub use service::{CacheRequest, Controls, Outcome, Served, ServedBody, Service};
@@ -206,6 +208,7 @@ impl Cache {
             fingerprint: key.fingerprint,
             prompt: key.prompt.clone(),
             exact: key.exact,
+            context: key.context.clone(),
             answer,
             created: now,
             expires: ttl.or(self.config.default_ttl).map(|ttl| expiry(now, ttl)),

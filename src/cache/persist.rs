@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::entry::from_unix_ms;
-use super::{partition_of, Answer, Cache, Config, Digest32, Entry, Fingerprint, RequestKey, TenantId, Usage};
+use super::{partition_of, Answer, Cache, Config, Digest32, Entry, Fingerprint, TenantId, Usage};
 use crate::embed::Embedder;
 use crate::store::{self, EntryStore, Loaded, Op};
 
@@ -84,16 +84,13 @@ impl Cache {
 
     /// An entry as a record describes it, with a fresh place in the recency order.
     fn entry_of(&self, record: store::Record) -> Arc<Entry> {
-        let key = RequestKey::new(
-            TenantId(Digest32(record.tenant)),
-            Fingerprint(Digest32(record.fingerprint)),
-            record.prompt,
-        );
+        let exact = record.exact_key();
         Arc::new(Entry {
             id: record.id,
-            tenant: key.tenant,
-            fingerprint: key.fingerprint,
-            exact: key.exact,
+            tenant: TenantId(Digest32(record.tenant)),
+            fingerprint: Fingerprint(Digest32(record.fingerprint)),
+            exact,
+            context: record.context.map(|stored| Arc::new(stored.context.analysed())),
             answer: Answer {
                 completion: Bytes::from(record.completion),
                 model: record.model,
@@ -116,7 +113,7 @@ impl Cache {
             last_similarity: AtomicU32::new(0),
             seen_len: OnceLock::new(),
             analysis: OnceLock::new(),
-            prompt: key.prompt,
+            prompt: record.prompt,
         })
     }
 

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use super::protocol::{Protocol, StreamItem, StreamReader};
 use super::{Answer, Cache, Criteria, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId};
+use crate::config::ContextMode;
 use crate::embed;
 use crate::stats::Stats;
 use crate::upstream::{self, UpstreamReply};
@@ -40,6 +41,8 @@ pub struct Controls {
     pub criteria: Criteria,
     /// The lifetime of the entry this request stores, instead of the default.
     pub ttl: Option<Duration>,
+    /// How the request's earlier turns are compared.
+    pub context: ContextMode,
 }
 
 /// One request, as the core sees it.
@@ -136,7 +139,7 @@ impl Service {
             self.stats.record_cache_failure();
             return self.pass_through(call, body).await;
         }
-        let key = RequestKey::new(tenant, input.fingerprint, input.prompt);
+        let key = RequestKey::of_input(tenant, input, controls.context);
 
         let mut ticket = Ticket {
             cache: Arc::clone(&self.cache),
@@ -202,7 +205,9 @@ impl Service {
             }
         }
 
-        self.stats.record_miss(model, tenant, nearest, refused);
+        let conversation = ticket.key.context.is_some();
+        self.stats
+            .record_miss(model, tenant, nearest, refused, conversation);
         let miss = InFlight {
             embedding: ticket.start_embedding(),
             ticket,
@@ -530,6 +535,7 @@ mod tests {
             Some(CacheInput {
                 fingerprint: Fingerprint(Digest32::of("test", &[b"context"])),
                 prompt: request.prompt.clone(),
+                conversation: None,
             })
         }
 
@@ -618,6 +624,7 @@ mod tests {
             verify: true,
         },
         ttl: None,
+        context: ContextMode::Exact,
     };
 
     /// An upstream that answers `chunks` with `status`, counting its calls.

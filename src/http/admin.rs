@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use super::AppState;
 use crate::cache::{Entry, TenantId};
+use crate::config::ContextMode;
 use crate::config::Scope;
 use crate::openai::Invalid;
 use crate::settings::Settings;
@@ -27,6 +28,7 @@ fn config_json(state: &AppState) -> Value {
     json!({
         "threshold": super::rounded(settings.threshold),
         "verify": settings.verify,
+        "context": settings.context.as_str(),
         "scope": match state.scope {
             Scope::Tenant => "tenant",
             Scope::Shared => "shared",
@@ -45,6 +47,7 @@ pub async fn get_config(State(state): State<AppState>) -> Json<Value> {
 pub struct ConfigPatch {
     threshold: Option<f32>,
     verify: Option<bool>,
+    context: Option<ContextMode>,
 }
 
 pub async fn patch_config(
@@ -64,10 +67,15 @@ pub async fn patch_config(
     if let Some(verify) = patch.verify {
         settings.verify = verify;
     }
+    if let Some(context) = patch.context {
+        settings.context = context;
+    }
     // Saved first: a change that cannot be kept is not applied.
     state.settings_store.keep(&settings).await?;
     tracing::info!(
         threshold = settings.threshold,
+        verify = settings.verify,
+        context = settings.context.as_str(),
         "settings changed through the admin API"
     );
     state.settings.store(Arc::new(settings));

@@ -56,6 +56,7 @@ fn controls_from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Con
             verify: settings.verify,
         },
         ttl: None,
+        context: settings.context,
     };
     for value in headers.get_all(CACHE_CONTROL) {
         let value = value.to_str().map_err(|_| ApiError::BadHeader {
@@ -414,6 +415,7 @@ mod tests {
         let settings = Settings {
             threshold: 0.82,
             verify: true,
+            context: crate::config::ContextMode::Exact,
         };
         Some(controls_from_headers(&headers, &settings))
     }

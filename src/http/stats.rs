@@ -79,6 +79,9 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "hits": s.hits,
         "exact_hits": s.exact_hits,
         "semantic_hits": s.semantic_hits,
+        "conversation_hits": s.conversation_hits,
+        "conversation_refusals": s.conversation_refusals,
+        "context": state.settings.load().context.as_str(),
         "misses": s.misses,
         "bypassed": s.bypassed,
         "rejected": s.rejected,
@@ -104,6 +107,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
             "edges": edges(),
             "hits": s.hit_similarity,
             "near_misses": s.near_miss_similarity,
+            "conversation_near_misses": s.conversation_near_miss_similarity,
         },
         "verifier_refusals": s.refusals.iter().map(|(reason, count)| (reason.as_str().to_owned(), json!(count))).collect::<Map<String, Value>>(),
         "feedback": {"correct": s.feedback_correct, "wrong": s.feedback_wrong},
@@ -125,6 +129,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         threshold: state.settings.load().threshold,
         hit_sum: state.stats.hit_similarity.sum(),
         near_sum: state.stats.near_miss_similarity.sum(),
+        conversation_near_sum: state.stats.conversation_near_miss_similarity.sum(),
     };
     let mut text = prometheus_text(&snapshot, &live);
     if let Some(shared) = state.cache.shared() {
@@ -186,6 +191,7 @@ struct Live {
     threshold: f32,
     hit_sum: f64,
     near_sum: f64,
+    conversation_near_sum: f64,
 }
 
 fn prometheus_text(s: &Snapshot, live: &Live) -> String {
@@ -198,6 +204,7 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
         threshold,
         hit_sum,
         near_sum,
+        conversation_near_sum,
     } = *live;
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -214,12 +221,16 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
         &[
             ("{outcome=\"exact_hit\"}".to_owned(), s.exact_hits as f64),
             ("{outcome=\"semantic_hit\"}".to_owned(), s.semantic_hits as f64),
+            (
+                "{outcome=\"conversation_hit\"}".to_owned(),
+                s.conversation_hits as f64,
+            ),
             ("{outcome=\"miss\"}".to_owned(), s.misses as f64),
             ("{outcome=\"bypass\"}".to_owned(), s.bypassed as f64),
         ],
     );
     // One sample each, no labels.
-    let single: [(&str, &str, &str, f64); 9] = [
+    let single: [(&str, &str, &str, f64); 10] = [
         (
             "semcache_rejected_requests_total",
             "counter",
@@ -249,6 +260,12 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
             "counter",
             "Requests forwarded without the cache because embedding or lookup failed.",
             s.cache_failures as f64,
+        ),
+        (
+            "semcache_conversation_refusals_total",
+            "counter",
+            "Misses of requests compared in their conversation (--context semantic) whose best candidate the matcher refused.",
+            s.conversation_refusals as f64,
         ),
         (
             "semcache_store_failures_total",
@@ -350,6 +367,12 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
             "Similarity of the best candidate when a lookup missed.",
             &s.near_miss_similarity,
             near_sum,
+        ),
+        (
+            "semcache_conversation_near_miss_similarity",
+            "Similarity of the best candidate when a lookup compared in its conversation missed.",
+            &s.conversation_near_miss_similarity,
+            conversation_near_sum,
         ),
     ] {
         let mut samples = Vec::new();

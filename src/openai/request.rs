@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 pub use crate::cache::{CacheInput, Invalid};
-use crate::cache::{Digest32, Fingerprint};
+use crate::cache::{Conversation, Digest32, Fingerprint};
 use crate::context::Turn;
 
 /// Request fields that do not change the answer, left out of the fingerprint.
@@ -153,11 +153,17 @@ impl ChatRequest {
             message.insert("semcache_prompt_slot".to_owned(), Value::Bool(true));
         }
 
-        let mut canonical = Vec::new();
-        write_canonical(&Value::Object(context), &mut canonical);
+        let conversation = self
+            .earlier_turns()
+            .filter(|turns| !turns.is_empty())
+            .map(|turns| Conversation {
+                fingerprint: fingerprint_of(without_earlier_turns(context.clone(), last_user)),
+                turns,
+            });
         Some(CacheInput {
-            fingerprint: Fingerprint(Digest32::of("semcache/context/v1", &[&canonical])),
+            fingerprint: fingerprint_of(context),
             prompt: prompt_parts.join("\n"),
+            conversation,
         })
     }
 
@@ -304,6 +310,30 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
+fn fingerprint_of(context: Map<String, Value>) -> Fingerprint {
+    let mut canonical = Vec::new();
+    write_canonical(&Value::Object(context), &mut canonical);
+    Fingerprint(Digest32::of("semcache/context/v1", &[&canonical]))
+}
+
+/// `context` without the user and assistant messages before the one at `last_user`: what a
+/// request without those turns would have as its context.
+fn without_earlier_turns(mut context: Map<String, Value>, last_user: usize) -> Map<String, Value> {
+    if let Some(Value::Array(messages)) = context.get_mut("messages") {
+        let mut index = 0;
+        messages.retain(|message| {
+            let earlier = index < last_user;
+            index += 1;
+            !(earlier
+                && matches!(
+                    message.get("role").and_then(Value::as_str),
+                    Some("user" | "assistant")
+                ))
+        });
+    }
+    context
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -315,6 +345,47 @@ mod tests {
             .expect("valid request")
             .cache_input()
             .expect("has a user message")
+    }
+
+    #[test]
+    fn earlier_turns_leave_the_conversation_fingerprint_alone() {
+        let chat = |turns: &[(&str, &str)], system: &str| {
+            let mut messages = vec![json!({"role": "system", "content": system})];
+            for (role, text) in turns {
+                messages.push(json!({"role": role, "content": text}));
+            }
+            messages.push(json!({"role": "user", "content": "Cancel it."}));
+            input(json!({"model": "gpt-4o-mini", "messages": messages}))
+        };
+        let single = chat(&[], "You are terse.");
+        assert_eq!(single.conversation, None);
+        let history = [
+            ("user", "My plan is Premium."),
+            ("assistant", "What should I do?"),
+        ];
+        let first = chat(&history, "You are terse.");
+        let conversation = first.conversation.clone().expect("earlier turns");
+        assert_eq!(conversation.turns.len(), 2);
+        assert!(conversation.turns[0].user && !conversation.turns[1].user);
+        assert_eq!(
+            conversation.fingerprint, single.fingerprint,
+            "as if the turns were not there"
+        );
+        assert_ne!(
+            first.fingerprint, single.fingerprint,
+            "the whole context still differs"
+        );
+        let other = chat(
+            &[("user", "My plan is Basic."), ("assistant", "And?")],
+            "You are terse.",
+        );
+        assert_eq!(other.conversation.unwrap().fingerprint, conversation.fingerprint);
+        assert_ne!(other.fingerprint, first.fingerprint);
+        let other_system = chat(&history, "You are verbose.");
+        assert_ne!(
+            other_system.conversation.unwrap().fingerprint,
+            conversation.fingerprint
+        );
     }
 
     fn base() -> Value {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-pub use record::Record;
+pub use record::{Record, RecordContext};
 
 /// redb's page cache.
 const STORE_CACHE_BYTES: usize = 32 << 20;
@@ -89,7 +89,9 @@ pub trait EntryStore: Send + Sync {
 }
 
 /// Version of the on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
+/// The oldest format this build reads; opening such a store marks it as the current one.
+pub const OLDEST_FORMAT_READ: u64 = 1;
 const FILE_NAME: &str = "semcache.redb";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -271,6 +273,10 @@ impl Store {
             let found = meta.get("format_version").map_err(db_error)?.map(|v| v.value());
             match found {
                 Some(FORMAT_VERSION) => {}
+                Some(found) if (OLDEST_FORMAT_READ..FORMAT_VERSION).contains(&found) => {
+                    // Its records read as they are; new ones are written in this format.
+                    meta.insert("format_version", FORMAT_VERSION).map_err(db_error)?;
+                }
                 Some(found) => {
                     return Err(Error::Version {
                         path: self.path.clone(),
@@ -587,6 +593,43 @@ mod tests {
         expected.own_threshold = 0.91;
         expected.wrong_reports = 1;
         assert_eq!(record, expected);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_store_opens_and_its_records_read() {
+        let dir = temp_dir("version-1");
+        let record = Record::sample(3);
+        {
+            let store = Store::open(&dir).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("format_version", 1).unwrap();
+            // Version 1 wrote the same fields without the context: this one's `None` is its
+            // last byte.
+            let mut v1 = record.encode();
+            assert_eq!(v1.pop(), Some(0));
+            txn.open_table(ENTRIES)
+                .unwrap()
+                .insert(record.id, v1.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        let loaded = store.load(|_, _| {}).unwrap();
+        let (mut read, vector) = loaded.records.into_iter().next().expect("the record");
+        read.embedding = vector.map(|range| loaded.vectors[range].to_vec());
+        assert_eq!(read, record);
+        let txn = store.db.begin_read().unwrap();
+        let version = txn
+            .open_table(META)
+            .unwrap()
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .value();
+        assert_eq!(version, FORMAT_VERSION);
+        drop(txn);
+        drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::{Digest32, ExactKey, Fingerprint, TenantId};
+use crate::context::Context;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub id: u64,
@@ -24,6 +27,65 @@ pub struct Record {
     /// Raised by wrong-answer reports; 0 when the entry has no threshold of its own.
     pub own_threshold: f32,
     pub wrong_reports: u64,
+    /// The conversation an entry was stored in, for entries stored in the semantic context
+    /// mode with earlier turns (format version 2; absent in version 1 records).
+    pub context: Option<RecordContext>,
+}
+
+/// What an entry stored in a conversation keeps of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordContext {
+    /// The exact key of the whole conversation: `fingerprint` and `prompt` leave the earlier
+    /// turns out, so it cannot be derived from them.
+    pub exact: [u8; 32],
+    /// The conversation as the matcher read it (bounded, see `context::MAX_FACTS_BYTES`).
+    pub context: Context,
+}
+
+/// A record as format version 1 wrote it: the same fields, without `context`.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct RecordV1 {
+    id: u64,
+    tenant: [u8; 32],
+    fingerprint: [u8; 32],
+    prompt: String,
+    embedding: Option<Vec<f32>>,
+    completion: Vec<u8>,
+    model: String,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    upstream_latency_us: u64,
+    created_ms: u64,
+    expires_ms: Option<u64>,
+    hits: u64,
+    last_hit_ms: u64,
+    own_threshold: f32,
+    wrong_reports: u64,
+}
+
+impl From<RecordV1> for Record {
+    fn from(v1: RecordV1) -> Self {
+        Self {
+            id: v1.id,
+            tenant: v1.tenant,
+            fingerprint: v1.fingerprint,
+            prompt: v1.prompt,
+            embedding: v1.embedding,
+            completion: v1.completion,
+            model: v1.model,
+            prompt_tokens: v1.prompt_tokens,
+            completion_tokens: v1.completion_tokens,
+            upstream_latency_us: v1.upstream_latency_us,
+            created_ms: v1.created_ms,
+            expires_ms: v1.expires_ms,
+            hits: v1.hits,
+            last_hit_ms: v1.last_hit_ms,
+            own_threshold: v1.own_threshold,
+            wrong_reports: v1.wrong_reports,
+            context: None,
+        }
+    }
 }
 
 impl Record {
@@ -31,8 +93,28 @@ impl Record {
         postcard::to_stdvec(self).expect("a record always encodes")
     }
 
+    /// Reads a record of this format or of version 1 (which ends where `context` begins, so
+    /// it fails to read as this format and is read as the older one).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        postcard::from_bytes(bytes).map_err(|err| err.to_string())
+        postcard::from_bytes(bytes)
+            .or_else(|err| {
+                postcard::from_bytes::<RecordV1>(bytes)
+                    .map(Record::from)
+                    .map_err(|_| err)
+            })
+            .map_err(|err| err.to_string())
+    }
+
+    /// The entry's exact key: its conversation's, or that of its tenant, fingerprint and prompt.
+    pub fn exact_key(&self) -> ExactKey {
+        match &self.context {
+            Some(context) => ExactKey(Digest32(context.exact)),
+            None => ExactKey::of(
+                TenantId(Digest32(self.tenant)),
+                Fingerprint(Digest32(self.fingerprint)),
+                &self.prompt,
+            ),
+        }
     }
 
     #[cfg(test)]
@@ -54,6 +136,7 @@ impl Record {
             last_hit_ms: 0,
             own_threshold: 0.0,
             wrong_reports: 0,
+            context: None,
         }
     }
 }
@@ -69,5 +152,47 @@ mod tests {
         assert!(Record::decode(&[0xff, 0xff, 0xff]).is_err());
         let encoded = record.encode();
         assert!(Record::decode(&encoded[..encoded.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn version_1_records_still_read_and_contexts_round_trip() {
+        let record = Record::sample(7);
+        let v1 = RecordV1 {
+            id: record.id,
+            tenant: record.tenant,
+            fingerprint: record.fingerprint,
+            prompt: record.prompt.clone(),
+            embedding: record.embedding.clone(),
+            completion: record.completion.clone(),
+            model: record.model.clone(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            upstream_latency_us: record.upstream_latency_us,
+            created_ms: record.created_ms,
+            expires_ms: record.expires_ms,
+            hits: 5,
+            last_hit_ms: record.last_hit_ms,
+            own_threshold: 0.9,
+            wrong_reports: 1,
+        };
+        let read = Record::decode(&postcard::to_stdvec(&v1).unwrap()).unwrap();
+        assert_eq!((read.hits, read.own_threshold, read.wrong_reports), (5, 0.9, 1));
+        assert_eq!(read.context, None);
+        assert_eq!(read.exact_key(), record.exact_key());
+
+        let turns = [crate::context::Turn {
+            user: true,
+            text: "My Netflix plan renews on the 3rd.".into(),
+        }];
+        let in_context = Record {
+            context: Some(RecordContext {
+                exact: [9; 32],
+                context: Context::of(&turns, "Cancel it"),
+            }),
+            ..record
+        };
+        let read = Record::decode(&in_context.encode()).unwrap();
+        assert_eq!(read, in_context);
+        assert_eq!(read.exact_key(), ExactKey(Digest32([9; 32])));
     }
 }

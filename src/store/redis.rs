@@ -29,8 +29,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncTypedCommands, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{scripts, EntryStore, Error, Loaded, Op, Record, FORMAT_VERSION};
-use crate::cache::{Cache, Digest32, Eviction, ExactKey, Fingerprint, TenantId};
+use super::{scripts, EntryStore, Error, Loaded, Op, Record, FORMAT_VERSION, OLDEST_FORMAT_READ};
+use crate::cache::{Cache, Eviction};
 use crate::embed::EmbedderId;
 use crate::settings::{Settings, SharedSettings};
 
@@ -298,13 +298,7 @@ impl RedisStore {
     }
 
     async fn put(&self, record: &Record) -> Result<(), Error> {
-        let exact = ExactKey::of(
-            TenantId(Digest32(record.tenant)),
-            Fingerprint(Digest32(record.fingerprint)),
-            &record.prompt,
-        )
-        .0
-         .0;
+        let exact = record.exact_key().0 .0;
         let now = now_ms();
         let result: redis::RedisResult<u64> = self
             .put
@@ -691,7 +685,19 @@ impl RedisStore {
         let (meta, info): (HashMap<String, String>, String) =
             pipe.query_async(conn).await.map_err(redis_error)?;
         let field = |name: &str| meta.get(name).cloned().unwrap_or_default();
-        if field("format_version") != version {
+        let older = field("format_version")
+            .parse()
+            .is_ok_and(|found: u64| (OLDEST_FORMAT_READ..FORMAT_VERSION).contains(&found));
+        if older {
+            // Its records read as they are; new ones are written in this format.
+            redis::cmd("HSET")
+                .arg(key)
+                .arg("format_version")
+                .arg(&version)
+                .query_async::<()>(conn)
+                .await
+                .map_err(redis_error)?;
+        } else if field("format_version") != version {
             return Err(Error::Db(format!(
                 "the namespace {:?} has format version {}; this semcache reads version {FORMAT_VERSION}: \
                  use another --namespace, or the release that wrote it",

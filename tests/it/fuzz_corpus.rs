@@ -54,6 +54,7 @@ fn a_real_record_round_trips() {
         last_hit_ms: 1_790_000_100_000,
         own_threshold: 0.9,
         wrong_reports: 1,
+        context: None,
     };
     fuzzing::record(&record.encode());
     let mut truncated = record.encode();

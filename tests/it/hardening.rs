@@ -498,6 +498,7 @@ async fn the_start_line_names_the_threshold_in_effect() {
         .save(&semcache::settings::Settings {
             threshold: 0.93,
             verify: true,
+            context: semcache::config::ContextMode::Exact,
         })
         .unwrap();
     let mut process = spawn_binary(

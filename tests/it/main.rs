@@ -2,6 +2,7 @@
 
 mod admin;
 mod cluster;
+mod conversations;
 mod crash;
 mod dashboard;
 mod embedding;

@@ -364,6 +364,7 @@ async fn thresholds_can_be_made_stricter_per_request_and_changed_at_run_time() {
             .store(std::sync::Arc::new(semcache::settings::Settings {
                 threshold,
                 verify: true,
+                context: semcache::config::ContextMode::Exact,
             }));
     };
     set_threshold(0.999);
