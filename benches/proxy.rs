@@ -74,6 +74,44 @@ fn request(prompt: &str) -> Value {
         {"role": "user", "content": prompt}]})
 }
 
+/// A support chat about a streaming plan: `filler` rounds of small talk and settled questions,
+/// then the plan, then `last`. `reworded` says the same in other words.
+fn conversation(filler: usize, reworded: bool, last: &str) -> Value {
+    let mut messages = vec![json!({"role": "system", "content": "You are a helpful support assistant."})];
+    let mut turn = |role: &str, content: String| messages.push(json!({"role": role, "content": content}));
+    for n in 0..filler {
+        turn(
+            "user",
+            format!("Quick one first: does invoice {n} include tax? Thanks."),
+        );
+        turn(
+            "assistant",
+            format!("Yes, invoice {n} includes VAT. Anything else?"),
+        );
+    }
+    if reworded {
+        turn(
+            "user",
+            "Hello, I'd like to stop paying for my Netflix Premium subscription.".into(),
+        );
+        turn(
+            "assistant",
+            "Sure, I can help with the Netflix Premium subscription. What should I do?".into(),
+        );
+    } else {
+        turn(
+            "user",
+            "Hi, I want to stop paying for my Netflix Premium subscription.".into(),
+        );
+        turn(
+            "assistant",
+            "I can help with your Netflix Premium subscription. What would you like to do?".into(),
+        );
+    }
+    turn("user", last.into());
+    json!({"model": "gpt-4o-mini", "messages": messages})
+}
+
 async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -164,6 +202,9 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
             &format!("http://{upstream}/v1"),
             "--data-dir",
             data_dir.to_str().unwrap(),
+            // A first message has the same key in both modes: only the conversation rows differ.
+            "--context",
+            "semantic",
         ]);
         let app = semcache::app(&args, Arc::clone(&embedder)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -205,6 +246,25 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
     c.bench_function(&format!("{name}/http/semantic_hit"), |b| {
         b.iter(|| post(semcache, &paraphrase))
     });
+    // The same conversation reworded (`--context semantic`): the request and what it refers back
+    // to are embedded, and the matcher reads every user turn. With 38 earlier messages the
+    // matcher reads the newest 4 KiB of user text and the embedding the antecedent and request.
+    for (case, filler, last) in [
+        ("conversation_hit", 1, "Please cancel it."),
+        (
+            "conversation_hit_40_messages",
+            18,
+            "Could you pause it for a month?",
+        ),
+    ] {
+        let stored = conversation(filler, false, last);
+        let reworded = conversation(filler, true, last);
+        assert_eq!(post(semcache, &stored).as_deref(), Some("miss"));
+        assert_eq!(post(semcache, &reworded).as_deref(), Some("hit"), "{case}");
+        c.bench_function(&format!("{name}/http/{case}"), |b| {
+            b.iter(|| post(semcache, &reworded))
+        });
+    }
 
     // A miss: a prompt never asked before goes through the exact map, the model, the index and
     // the verifier (each order number contrasts with the others'), then to the model, and is
