@@ -940,3 +940,78 @@ async fn a_namespace_whose_vectors_another_embedder_made_is_not_used() {
         "the first node is unaffected"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_are_matched_on_every_node_and_stay_in_their_tenant() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    let semantic =
+        |args: &mut semcache::config::ServeArgs| args.context = semcache::config::ContextMode::Semantic;
+    let a = node_with(&upstream, &redis, semantic).await;
+    let b = node_with(&upstream, &redis, semantic).await;
+    let chat = |first: &str, last: &str| {
+        json!({"model": "gpt-4o-mini", "messages": [
+            {"role": "system", "content": "You are a helpful support assistant."},
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": "I can help with that subscription. What would you like to do?"},
+            {"role": "user", "content": last}]})
+    };
+    let stored = a
+        .chat(&chat(
+            "Hi, I want to stop paying for my Netflix Premium subscription.",
+            "Please cancel it.",
+        ))
+        .await;
+    assert_eq!(stored.cache(), "miss");
+    wait_applied(&b, 1).await;
+    let reworded = chat(
+        "Hello, I'd like to stop paying for my Netflix Premium subscription.",
+        "Please cancel it.",
+    );
+    let hit = b.chat(&reworded).await;
+    assert_eq!(hit.cache(), "hit", "{:?}", hit.body);
+    assert_eq!(hit.content(), stored.content());
+    let other_tenant = b.chat_as(KEY_B, &reworded, &[]).await;
+    assert_ne!(
+        other_tenant.content(),
+        stored.content(),
+        "tenant B served tenant A's answer"
+    );
+    let gym = chat(
+        "Hi, I want to stop paying for my FitLife gym membership.",
+        "Please cancel it.",
+    );
+    assert_eq!(b.chat(&gym).await.cache(), "miss");
+    assert_eq!(upstream.chat_calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_of_format_version_1_is_used_and_marked_version_2() {
+    let upstream = TestUpstream::start().await;
+    let redis = Redis::start();
+    redis
+        .query(&["HSET", "semcache:meta", "format_version", "1"])
+        .unwrap();
+    let a = node(&upstream, &redis).await;
+    a.chat(&chat_body(ASKED)).await;
+    assert_eq!(a.chat(&chat_body(ASKED)).await.cache(), "hit");
+    assert_eq!(
+        redis.query(&["HGET", "semcache:meta", "format_version"]).unwrap(),
+        redis::Value::BulkString(b"2".to_vec())
+    );
+    redis
+        .query(&["HSET", "semcache:meta", "format_version", "3"])
+        .unwrap();
+    // A namespace a newer release wrote is refused, and the node says why.
+    let url = redis.url();
+    let newer = Semcache::start_with(&upstream, |args| args.store = Some(url)).await;
+    eventually("the node says which version it found", || async {
+        let health = newer.get_json("/healthz").await;
+        health["status"] == json!("degraded")
+            && health["store"]
+                .as_str()
+                .is_some_and(|why| why.contains("format version 3"))
+    })
+    .await;
+    assert_eq!(newer.chat(&chat_body(ASKED)).await.cache(), "bypass");
+}
