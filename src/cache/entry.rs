@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::{Eviction, ExactKey, Fingerprint, TenantId};
-use crate::context::Analysed;
+use crate::context::Context;
 use crate::store::{Record, RecordContext};
 use crate::verify;
 
@@ -40,8 +40,10 @@ pub struct Entry {
     pub prompt: String,
     pub exact: ExactKey,
     /// The conversation the entry was stored in (semantic context mode, earlier turns
-    /// present), read by the matcher.
-    pub context: Option<Arc<Analysed>>,
+    /// present), as the matcher read it. Kept unanalysed: the analyses took 14 KB for a chat
+    /// of two user turns and about 100 KB for twenty, the context itself at most a few KB; they
+    /// are made again when the entry is a candidate (50-400 us).
+    pub context: Option<Arc<Context>>,
     pub answer: Answer,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
@@ -165,9 +167,9 @@ pub(super) fn record_of(entry: &Entry, embedding: Option<Vec<f32>>) -> Record {
         last_hit_ms: entry.last_used_ms.load(Ordering::Relaxed),
         own_threshold: entry.own_threshold(),
         wrong_reports: entry.wrong_reports.load(Ordering::Relaxed),
-        context: entry.context.as_ref().map(|analysed| RecordContext {
+        context: entry.context.as_ref().map(|context| RecordContext {
             exact: entry.exact.0 .0,
-            context: analysed.context.clone(),
+            context: Context::clone(context),
         }),
     }
 }

@@ -225,7 +225,10 @@ impl Cache {
                     verify::unseen(&key.prompt, query_seen, &entry.prompt, entry_seen).and_then(|()| {
                         if in_conversation {
                             let alone = |prompt: &str| Arc::new(Context::of(&[], prompt).analysed());
-                            let stored = entry.context.clone().unwrap_or_else(|| alone(&entry.prompt));
+                            let stored = match &entry.context {
+                                Some(context) => Context::clone(context).analysed(),
+                                None => Context::of(&[], &entry.prompt).analysed(),
+                            };
                             let asked = key.context.clone().unwrap_or_else(|| alone(&key.prompt));
                             return context::check(&stored, &asked);
                         }

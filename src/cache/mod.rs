@@ -208,7 +208,10 @@ impl Cache {
             fingerprint: key.fingerprint,
             prompt: key.prompt.clone(),
             exact: key.exact,
-            context: key.context.clone(),
+            context: key
+                .context
+                .as_ref()
+                .map(|analysed| Arc::new(analysed.context.clone())),
             answer,
             created: now,
             expires: ttl.or(self.config.default_ttl).map(|ttl| expiry(now, ttl)),

@@ -90,7 +90,7 @@ impl Cache {
             tenant: TenantId(Digest32(record.tenant)),
             fingerprint: Fingerprint(Digest32(record.fingerprint)),
             exact,
-            context: record.context.map(|stored| Arc::new(stored.context.analysed())),
+            context: record.context.map(|stored| Arc::new(stored.context)),
             answer: Answer {
                 completion: Bytes::from(record.completion),
                 model: record.model,
