@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{Cache, Entry, Error, RequestKey};
-use crate::context::{self, Context};
+use crate::context::{self, Analysed, Context};
 use crate::embed;
 use crate::store::EntryStore;
 use crate::verify::{self, Rejection};
@@ -199,6 +199,8 @@ impl Cache {
         let mut best_unserved = candidates.first().map(|c| c.similarity);
         // The request's prompt, analysed once for all its candidates.
         let (mut query_seen, mut query) = (None, None);
+        // The request's conversation, or its prompt read as a one-turn one, for the matcher.
+        let mut asked: Option<Arc<Analysed>> = key.context.clone();
         for candidate in candidates.iter().filter(|c| c.similarity >= criteria.threshold) {
             let entry = match self.servable(candidate.entry_id, criteria) {
                 Ok(entry) => entry,
@@ -224,13 +226,13 @@ impl Cache {
                 let verdict =
                     verify::unseen(&key.prompt, query_seen, &entry.prompt, entry_seen).and_then(|()| {
                         if in_conversation {
-                            let alone = |prompt: &str| Arc::new(Context::of(&[], prompt).analysed());
                             let stored = match &entry.context {
                                 Some(context) => Context::clone(context).analysed(),
                                 None => Context::of(&[], &entry.prompt).analysed(),
                             };
-                            let asked = key.context.clone().unwrap_or_else(|| alone(&key.prompt));
-                            return context::check(&stored, &asked);
+                            let asked = asked
+                                .get_or_insert_with(|| Arc::new(Context::of(&[], &key.prompt).analysed()));
+                            return context::check(&stored, asked);
                         }
                         let stored = entry.analysis.get_or_init(|| verify::Analysis::of(&entry.prompt));
                         verify::check(

@@ -91,7 +91,13 @@ pub trait EntryStore: Send + Sync {
 /// Version of the on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u64 = 2;
 /// The oldest format this build reads; opening such a store marks it as the current one.
-pub const OLDEST_FORMAT_READ: u64 = 1;
+const OLDEST_FORMAT_READ: u64 = 1;
+
+/// Whether a store or namespace of format `found` is read as it is and marked the current
+/// format: an older one whose records this build still decodes.
+pub fn upgrades_from(found: u64) -> bool {
+    (OLDEST_FORMAT_READ..FORMAT_VERSION).contains(&found)
+}
 const FILE_NAME: &str = "semcache.redb";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -273,7 +279,7 @@ impl Store {
             let found = meta.get("format_version").map_err(db_error)?.map(|v| v.value());
             match found {
                 Some(FORMAT_VERSION) => {}
-                Some(found) if (OLDEST_FORMAT_READ..FORMAT_VERSION).contains(&found) => {
+                Some(found) if upgrades_from(found) => {
                     // Its records read as they are; new ones are written in this format.
                     meta.insert("format_version", FORMAT_VERSION).map_err(db_error)?;
                 }

@@ -29,7 +29,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncTypedCommands, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{scripts, EntryStore, Error, Loaded, Op, Record, FORMAT_VERSION, OLDEST_FORMAT_READ};
+use super::{scripts, upgrades_from, EntryStore, Error, Loaded, Op, Record, FORMAT_VERSION};
 use crate::cache::{Cache, Eviction};
 use crate::embed::EmbedderId;
 use crate::settings::{Settings, SharedSettings};
@@ -685,10 +685,7 @@ impl RedisStore {
         let (meta, info): (HashMap<String, String>, String) =
             pipe.query_async(conn).await.map_err(redis_error)?;
         let field = |name: &str| meta.get(name).cloned().unwrap_or_default();
-        let older = field("format_version")
-            .parse()
-            .is_ok_and(|found: u64| (OLDEST_FORMAT_READ..FORMAT_VERSION).contains(&found));
-        if older {
+        if field("format_version").parse().is_ok_and(upgrades_from) {
             // Its records read as they are; new ones are written in this format.
             redis::cmd("HSET")
                 .arg(key)

@@ -9,12 +9,14 @@ use clap::Parser;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::support::{chat_body, embedder, model_dir, Reply, Semcache, TestUpstream, KEY_A, KEY_B};
+use crate::support::{
+    chat_body, embedder, histogram_total, model_dir, Reply, Semcache, TestUpstream, KEY_A, KEY_B,
+};
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
 impl Semcache {
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
+    pub(crate) async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
         let mut request = self
             .http
             .request(method, self.url(path))
@@ -338,19 +340,8 @@ async fn stats_add_up_after_a_mix_of_hits_misses_and_bypasses() {
     assert_eq!(n("entries"), 3);
     assert!((stats["hit_rate"].as_f64().unwrap() - 3.0 / 7.0).abs() < 1e-3);
 
-    let hit_histogram: u64 = stats["similarity"]["hits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap())
-        .sum();
-    assert_eq!(hit_histogram, hits);
-    let near_misses: u64 = stats["similarity"]["near_misses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap())
-        .sum();
+    assert_eq!(histogram_total(&stats, "hits"), hits);
+    let near_misses = histogram_total(&stats, "near_misses");
     assert_eq!(
         near_misses, 1,
         "the capital question had a candidate below the threshold"

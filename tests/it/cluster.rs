@@ -168,6 +168,21 @@ where
     }
 }
 
+/// Waits until `node`'s health says it cannot use the store, for a reason that says `why`.
+async fn wait_degraded(node: &Semcache, why: &str) {
+    eventually(
+        &format!("the node says it cannot use the store: {why}"),
+        || async {
+            let health = node.get_json("/healthz").await;
+            health["status"] == json!("degraded")
+                && health["store"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains(why))
+        },
+    )
+    .await;
+}
+
 async fn applied(node: &Semcache) -> u64 {
     node.get_json("/stats").await["shared_store"]["applied"]
         .as_u64()
@@ -919,14 +934,7 @@ async fn a_namespace_whose_vectors_another_embedder_made_is_not_used() {
         |args| args.store = Some(url),
     )
     .await;
-    eventually("the other node says why it cannot use the store", || async {
-        let health = other.get_json("/healthz").await;
-        health["status"] == json!("degraded")
-            && health["store"]
-                .as_str()
-                .is_some_and(|why| why.contains("holds vectors made by"))
-    })
-    .await;
+    wait_degraded(&other, "holds vectors made by").await;
     let health = other.get_json("/healthz").await;
     let why = health["store"].as_str().unwrap();
     assert!(
@@ -1005,13 +1013,6 @@ async fn a_namespace_of_format_version_1_is_used_and_marked_version_2() {
     // A namespace a newer release wrote is refused, and the node says why.
     let url = redis.url();
     let newer = Semcache::start_with(&upstream, |args| args.store = Some(url)).await;
-    eventually("the node says which version it found", || async {
-        let health = newer.get_json("/healthz").await;
-        health["status"] == json!("degraded")
-            && health["store"]
-                .as_str()
-                .is_some_and(|why| why.contains("format version 3"))
-    })
-    .await;
+    wait_degraded(&newer, "format version 3").await;
     assert_eq!(newer.chat(&chat_body(ASKED)).await.cache(), "bypass");
 }

@@ -3,7 +3,7 @@
 use semcache::config::ContextMode;
 use serde_json::{json, Value};
 
-use crate::support::{Semcache, TestUpstream};
+use crate::support::{histogram_total, Semcache, TestUpstream};
 
 /// A chat of `turns` (user first, then alternating) before the last user message `last`.
 fn chat(turns: &[&str], last: &str) -> Value {
@@ -31,13 +31,9 @@ const GYM: [&str; 2] = [
 
 async fn patch_config(semcache: &Semcache, body: Value) -> (u16, Value) {
     let reply = semcache
-        .http
-        .patch(semcache.url("/admin/config"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (reply.status().as_u16(), reply.json().await.unwrap())
+        .admin(reqwest::Method::PATCH, "/admin/config", Some(body))
+        .await;
+    (reply.status, reply.json())
 }
 
 #[tokio::test]
@@ -89,14 +85,9 @@ async fn a_reworded_conversation_hits_and_a_swapped_subject_does_not() {
     assert_eq!(stats["verifier_refusals"]["number"], 1, "{stats}");
     assert_eq!(stats["semantic_hits"], 0, "{stats}");
     assert_eq!(stats["exact_hits"], 1, "{stats}");
-    let near: u64 = stats["similarity"]["conversation_near_misses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .sum();
     assert_eq!(
-        near, 3,
+        histogram_total(&stats, "conversation_near_misses"),
+        3,
         "the traps' nearest candidate is in the conversation histogram: {stats}"
     );
     let metrics = semcache.get_text("/metrics").await;

@@ -702,3 +702,13 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// How many lookups a similarity histogram of `/stats` counts (`similarity.NAME`).
+pub fn histogram_total(stats: &Value, name: &str) -> u64 {
+    stats["similarity"][name]
+        .as_array()
+        .unwrap_or_else(|| panic!("no histogram {name}: {stats}"))
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum()
+}
