@@ -237,7 +237,7 @@ def quantize(f32_path, int8_path):
         raise SystemExit(f"onnx_graph: expected 36 MatMulNBits in the int8 graph, got {quantized}")
     quantize_word_embeddings(model)
     onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, int8_path)
+    save(model, int8_path)
 
 
 def quantize_word_embeddings(model):
@@ -266,6 +266,18 @@ def quantize_word_embeddings(model):
         g.node.insert(at + offset, node)
 
 
+def save(model, path):
+    """Writes the graph to `path` and its weights to `path`.data beside it (ONNX external
+    data). ONNX Runtime maps that file into memory rather than copying the weights onto the
+    heap, so the sessions semcache opens share one copy of every weight they do not repack
+    (the word-embedding table above all, whose pages are read only for the tokens that occur),
+    and the graph itself is a few dozen KB to parse."""
+    data = os.path.basename(path) + ".data"
+    if os.path.exists(os.path.join(os.path.dirname(path), data)):
+        os.remove(os.path.join(os.path.dirname(path), data))  # onnx appends to an existing file
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+
+
 def main():
     if len(sys.argv) != 3:
         raise SystemExit("usage: onnx_graph.py MODEL_DIR OUT_DIR")
@@ -274,7 +286,7 @@ def main():
     f32_path = os.path.join(out_dir, "model.onnx")
     int8_path = os.path.join(out_dir, "model_int8.onnx")
     config = load_config(model_dir)
-    onnx.save_model(build(model_dir, config), f32_path)
+    save(build(model_dir, config), f32_path)
     quantize(f32_path, int8_path)
 
 

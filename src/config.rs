@@ -54,7 +54,8 @@ pub struct ModelArgs {
     pub embedder: Backend,
 
     /// Folder holding the embedding model (config.json, tokenizer files, model.safetensors
-    /// for candle, model_int8.onnx and model.onnx for ONNX Runtime, 1_Pooling/config.json).
+    /// for candle, model_int8.onnx and model.onnx with their .data weights for ONNX Runtime,
+    /// 1_Pooling/config.json).
     #[arg(long, env = "SEMCACHE_MODEL_DIR", default_value = "models/all-MiniLM-L6-v2")]
     pub model_dir: PathBuf,
 

@@ -152,6 +152,20 @@ pub(super) fn digest(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The sha256 of the file at `path`, read in pieces (a weights file is tens of MB).
+pub(super) fn digest_file(path: &Path) -> Result<String, Error> {
+    let mut hasher = Sha256::new();
+    std::fs::File::open(path)
+        .and_then(|mut file| std::io::copy(&mut file, &mut hasher))
+        .map_err(|err| {
+            Error::ModelFiles(format!(
+                "cannot read {}: {err} (run `models/fetch` or `make model` to download the model)",
+                path.display()
+            ))
+        })?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(dir.join(name)).map_err(|err| {
         Error::ModelFiles(format!(

@@ -17,7 +17,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use fastembed::{InitOptionsUserDefined, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel};
 
-use super::model::{digest, ModelFiles, Pooling};
+use super::model::{digest, digest_file, ModelFiles, Pooling};
 use super::{Embedder, EmbedderId, Error};
 
 /// Which graph runs.
@@ -36,6 +36,14 @@ impl Precision {
         match self {
             Precision::Int8 => "model_int8.onnx",
             Precision::F32 => "model.onnx",
+        }
+    }
+
+    /// The graph's weights (ONNX external data), which ONNX Runtime maps from the file.
+    fn weights(self) -> &'static str {
+        match self {
+            Precision::Int8 => "model_int8.onnx.data",
+            Precision::F32 => "model.onnx.data",
         }
     }
 
@@ -68,6 +76,22 @@ impl OnnxEmbedder {
     pub fn load(model_dir: &Path, precision: Precision, runtime: &Path) -> Result<Self, Error> {
         let files = ModelFiles::read(model_dir)?;
         let graph = files.file(precision.graph())?;
+        // The graph names its weights file relative to the folder given here. ONNX Runtime maps
+        // that file rather than reading it onto the heap: every session shares the mapping, so
+        // only the weights a session repacks for its kernels (the projections) are its own, and
+        // of the word-embedding table only the rows of tokens that occur are ever read in. With
+        // the weights inside the graph, each session held its own copy of all of them.
+        let weights = model_dir.join(precision.weights());
+        let weights_digest = digest_file(&weights)?;
+        let folder = model_dir
+            .canonicalize()
+            .map_err(|err| Error::ModelFiles(format!("cannot open {}: {err}", model_dir.display())))?;
+        let folder = folder.to_str().ok_or_else(|| {
+            Error::ModelFiles(format!(
+                "ONNX Runtime needs a UTF-8 path, not {}",
+                folder.display()
+            ))
+        })?;
         let environment = environment(runtime)?;
         let tokenizer_files = TokenizerFiles {
             tokenizer_file: files.file("tokenizer.json")?,
@@ -83,7 +107,7 @@ impl OnnxEmbedder {
             model: files.name.clone(),
             backend: format!("onnxruntime {} {}", precision.as_str(), files.pooling.as_str()),
             dimensions: files.dimensions,
-            weights: digest(&graph),
+            weights: digest(format!("{}{weights_digest}", digest(&graph)).as_bytes()),
         };
         share_one_heap();
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -99,7 +123,8 @@ impl OnnxEmbedder {
                     .with_execution_providers(vec![cpu])
                     .with_max_length(files.max_tokens)
                     .with_intra_threads(if n == 0 { cores } else { 1 })
-                    .with_session_config("session.intra_op.allow_spinning", "0");
+                    .with_session_config("session.intra_op.allow_spinning", "0")
+                    .with_session_config("session.model_external_initializers_file_folder_path", folder);
                 TextEmbedding::try_new_from_user_defined(model, options)
                     .map(Mutex::new)
                     .map_err(|err| {
