@@ -15,6 +15,8 @@ use std::sync::Arc;
 use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
+use std::time::Instant;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use semcache::config::ServeArgs;
 use semcache::embed::{self, Backend, Batcher, Embedder, ModelPaths};
@@ -158,6 +160,15 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
     // the same prompts one after another (each alone in its forward pass).
     let workers = std::thread::available_parallelism().map_or(1, usize::from);
     let batcher = runtime.block_on(async { Batcher::new(Arc::clone(&embedder), workers) });
+    // The short prompt above through the batcher, as a lone request's embedding runs: the
+    // difference is the hand-over to a worker thread and back.
+    c.bench_function(&format!("{name}/embed/one_short_prompt_batcher"), |b| {
+        b.iter(|| {
+            runtime
+                .block_on(batcher.embed(black_box("How can I reset my password?")))
+                .unwrap()
+        })
+    });
     let mut clients = c.benchmark_group(format!("{name}/embed/clients"));
     clients.throughput(Throughput::Elements(PROMPTS.len() as u64));
     clients.bench_function("32_one_at_a_time", |b| {
@@ -249,6 +260,12 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
     // The same conversation reworded (`--context semantic`): the request and what it refers back
     // to are embedded, and the matcher reads every user turn. With 38 earlier messages the
     // matcher reads the newest 4 KiB of user text and the embedding the antecedent and request.
+    let short = "How can I reset my password?";
+    paired(
+        &format!("{name}/http/semantic_hit over {name}/embed/one_short_prompt"),
+        || drop(black_box(embedder.embed(&[short]).unwrap())),
+        || drop(post(semcache, &paraphrase)),
+    );
     for (case, filler, last) in [
         ("conversation_hit", 1, "Please cancel it."),
         (
@@ -264,6 +281,11 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
         c.bench_function(&format!("{name}/http/{case}"), |b| {
             b.iter(|| post(semcache, &reworded))
         });
+        paired(
+            &format!("{name}/http/{case} over {name}/http/semantic_hit"),
+            || drop(post(semcache, &paraphrase)),
+            || drop(post(semcache, &reworded)),
+        );
     }
 
     // A miss: a prompt never asked before goes through the exact map, the model, the index and
@@ -295,6 +317,41 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
     });
     misses.finish();
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Prints how long `then` takes against `first`, timed in alternation: on a shared machine the
+/// speed drifts from minute to minute, and rows that criterion measures one after another can
+/// each catch a different spell. The medians of 200 alternating pairs, after 20 unmeasured.
+fn paired(label: &str, mut first: impl FnMut(), mut then: impl FnMut()) {
+    const PAIRS: usize = 200;
+    let time = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64() * 1000.0
+    };
+    let (mut a, mut b) = (Vec::with_capacity(PAIRS), Vec::with_capacity(PAIRS));
+    for n in 0..PAIRS + 20 {
+        // Each goes first in every other pair, so neither always runs on a warmer machine.
+        let (x, y) = if n % 2 == 0 {
+            (time(&mut first), time(&mut then))
+        } else {
+            let y = time(&mut then);
+            (time(&mut first), y)
+        };
+        if n >= 20 {
+            a.push(x);
+            b.push(y);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut a), median(&mut b));
+    println!(
+        "ratio {label}: {:.2} x ({b:.3} ms against {a:.3} ms, medians of {PAIRS} alternating pairs)",
+        b / a
+    );
 }
 
 criterion_group!(benches_group, benches);
