@@ -94,6 +94,7 @@ fn hit_rate(policy: Eviction, shifting: bool) -> f64 {
     let fingerprint = Fingerprint(Digest32::of("bench", &[b"ctx"]));
     let criteria = Criteria {
         threshold: 1.0,
+        context_threshold: 1.0,
         max_age: None,
         verify: false,
     };

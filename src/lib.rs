@@ -95,6 +95,7 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
             threshold: args.threshold,
             verify: args.verify,
             context: args.context,
+            context_threshold: args.context_threshold,
         },
     };
     let prices = match &args.prices {

@@ -102,7 +102,11 @@ async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> 
     let (file, options) = (&args.file, &args.options);
     let pairs = eval::sample(eval::read_conversations(file)?, options.sample, options.seed);
     let embedder = load_model(&options.model).await?;
-    let grid = options.thresholds.clone().with(options.threshold);
+    let marked = match args.context {
+        ContextMode::Exact => options.threshold,
+        ContextMode::Semantic => args.context_threshold,
+    };
+    let grid = options.thresholds.clone().with(marked);
     let report = match args.context {
         ContextMode::Exact => eval::eval_conversations(&embedder, &pairs, &grid).await?,
         ContextMode::Semantic => eval::eval_conversations_semantic(&embedder, &pairs, &grid).await?,
@@ -119,7 +123,7 @@ async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> 
         report.traps,
         report.context
     );
-    print!("{}", eval::conversations_table(&report, options.threshold));
+    print!("{}", eval::conversations_table(&report, marked));
     Ok(())
 }
 

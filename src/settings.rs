@@ -19,6 +19,9 @@ pub struct Settings {
     pub verify: bool,
     /// How a conversation's earlier turns are compared.
     pub context: ContextMode,
+    /// The similarity a conversation's compared text needs in the semantic context mode (see
+    /// [`crate::config::DEFAULT_CONTEXT_THRESHOLD`]).
+    pub context_threshold: f32,
 }
 
 pub type SharedSettings = Arc<ArcSwap<Settings>>;
@@ -38,6 +41,43 @@ struct SettingsFile {
     /// Absent in files written before the mode existed, when every context was exact.
     #[serde(default)]
     context: ContextMode,
+    /// Absent in files written before conversations had a threshold of their own.
+    #[serde(default = "default_context_threshold")]
+    context_threshold: f32,
+}
+
+fn default_context_threshold() -> f32 {
+    crate::config::DEFAULT_CONTEXT_THRESHOLD
+}
+
+impl SettingsFile {
+    fn of(settings: &Settings) -> Self {
+        SettingsFile {
+            version: FILE_VERSION,
+            threshold: settings.threshold,
+            verify: settings.verify,
+            context: settings.context,
+            context_threshold: settings.context_threshold,
+        }
+    }
+
+    /// The settings, or what is wrong with them.
+    fn settings(&self) -> Result<Settings, String> {
+        for (name, value) in [
+            ("threshold", self.threshold),
+            ("context_threshold", self.context_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(format!("{name} {value} is outside [0, 1]"));
+            }
+        }
+        Ok(Settings {
+            threshold: self.threshold,
+            verify: self.verify,
+            context: self.context,
+            context_threshold: self.context_threshold,
+        })
+    }
 }
 
 fn default_verify() -> bool {
@@ -49,23 +89,15 @@ const FILE_NAME: &str = "settings.json";
 
 /// The settings as the shared store keeps them (the same versioned form as the file).
 pub fn to_json(settings: &Settings) -> String {
-    serde_json::to_string(&SettingsFile {
-        version: FILE_VERSION,
-        threshold: settings.threshold,
-        verify: settings.verify,
-        context: settings.context,
-    })
-    .expect("settings serialise")
+    serde_json::to_string(&SettingsFile::of(settings)).expect("settings serialise")
 }
 
 /// Settings kept by [`to_json`]; `None` for anything this build cannot read.
 pub fn from_json(json: &str) -> Option<Settings> {
     let file: SettingsFile = serde_json::from_str(json).ok()?;
-    (file.version == FILE_VERSION && (0.0..=1.0).contains(&file.threshold)).then_some(Settings {
-        threshold: file.threshold,
-        verify: file.verify,
-        context: file.context,
-    })
+    (file.version == FILE_VERSION)
+        .then(|| file.settings().ok())
+        .flatten()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,17 +171,7 @@ impl SettingsStore {
                 file.version
             )));
         }
-        if !(0.0..=1.0).contains(&file.threshold) {
-            return Err(format_error(format!(
-                "threshold {} is outside [0, 1]",
-                file.threshold
-            )));
-        }
-        Ok(Some(Settings {
-            threshold: file.threshold,
-            verify: file.verify,
-            context: file.context,
-        }))
+        file.settings().map(Some).map_err(format_error)
     }
 
     /// Writes the settings atomically: a crash leaves the old file or the new one, never half.
@@ -160,13 +182,7 @@ impl SettingsStore {
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io_error)?;
-        let bytes = serde_json::to_vec_pretty(&SettingsFile {
-            version: FILE_VERSION,
-            threshold: settings.threshold,
-            verify: settings.verify,
-            context: settings.context,
-        })
-        .expect("settings serialise");
+        let bytes = serde_json::to_vec_pretty(&SettingsFile::of(settings)).expect("settings serialise");
         let temp = self.path.with_extension("json.tmp");
         let mut file = std::fs::File::create(&temp).map_err(io_error)?;
         file.write_all(&bytes).map_err(io_error)?;
@@ -194,6 +210,7 @@ mod tests {
                 threshold: 0.9,
                 verify: false,
                 context: ContextMode::Semantic,
+                context_threshold: 0.75,
             })
             .unwrap();
         assert_eq!(
@@ -202,8 +219,22 @@ mod tests {
                 threshold: 0.9,
                 verify: false,
                 context: ContextMode::Semantic,
+                context_threshold: 0.75,
             })
         );
+        // A file from before conversations had their own threshold takes the default.
+        std::fs::write(dir.join(FILE_NAME), r#"{"version": 1, "threshold": 0.9}"#).unwrap();
+        assert_eq!(
+            store.load().unwrap().unwrap().context_threshold,
+            crate::config::DEFAULT_CONTEXT_THRESHOLD
+        );
+        std::fs::write(
+            dir.join(FILE_NAME),
+            r#"{"version": 1, "threshold": 0.9, "context_threshold": 1.5}"#,
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("context_threshold 1.5"), "{err}");
         std::fs::write(dir.join(FILE_NAME), r#"{"version": 99, "threshold": 0.9}"#).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("version 99"), "{err}");

@@ -56,6 +56,11 @@ pub enum Lookup {
 #[derive(Debug, Clone, Copy)]
 pub struct Criteria {
     pub threshold: f32,
+    /// The threshold for a candidate compared as a conversation (the semantic context mode:
+    /// either side has earlier turns), whose compared text is the request with what it refers
+    /// back to. The conversation matcher refuses what differs in details and decisions, so it
+    /// may be lower than `threshold` (see [`crate::config::DEFAULT_CONTEXT_THRESHOLD`]).
+    pub context_threshold: f32,
     /// Entries older than this are not served (`Cache-Control: max-age` on the request).
     pub max_age: Option<Duration>,
     /// Whether semantic candidates must pass the hit verifier.
@@ -201,7 +206,12 @@ impl Cache {
         let (mut query_seen, mut query) = (None, None);
         // The request's conversation, or its prompt read as a one-turn one, for the matcher.
         let mut asked: Option<Arc<Analysed>> = key.context.clone();
-        for candidate in candidates.iter().filter(|c| c.similarity >= criteria.threshold) {
+        let lowest = if key.conversations {
+            criteria.threshold.min(criteria.context_threshold)
+        } else {
+            criteria.threshold
+        };
+        for candidate in candidates.iter().filter(|c| c.similarity >= lowest) {
             let entry = match self.servable(candidate.entry_id, criteria) {
                 Ok(entry) => entry,
                 Err(Unservable::Expired | Unservable::Gone) => {
@@ -216,6 +226,14 @@ impl Cache {
             let in_conversation = key.context.is_some() || entry.context.is_some();
             if entry.context.is_some() && !key.conversations {
                 // Stored in a conversation; this request's earlier turns, if any, are exact.
+                continue;
+            }
+            let threshold = if in_conversation {
+                criteria.context_threshold
+            } else {
+                criteria.threshold
+            };
+            if candidate.similarity < threshold {
                 continue;
             }
             if criteria.verify {

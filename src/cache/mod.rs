@@ -457,6 +457,7 @@ mod tests {
 
     const ANY: Criteria = Criteria {
         threshold: 0.5,
+        context_threshold: 0.5,
         max_age: None,
         verify: true,
     };
@@ -536,6 +537,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let strict = Criteria {
             threshold: 0.5,
+            context_threshold: 0.5,
             max_age: Some(Duration::from_millis(10)),
             verify: true,
         };

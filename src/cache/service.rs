@@ -620,6 +620,7 @@ mod tests {
         skip_store: false,
         criteria: Criteria {
             threshold: 0.9,
+            context_threshold: 0.9,
             max_age: None,
             verify: true,
         },

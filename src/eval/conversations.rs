@@ -15,7 +15,7 @@ use super::{
     answer, bold_at, embed_all, look_up_all, percent, ratio, same_threshold, served_at, verified_and_plain,
     AtThreshold, Grid, Series,
 };
-use crate::cache::{Cache, Digest32, RequestKey, TenantId};
+use crate::cache::{Cache, Digest32, Fingerprint, RequestKey, TenantId};
 use crate::context::{self, Context};
 use crate::embed::cosine;
 use crate::embed::{Embedder, Error as EmbedError};
@@ -147,6 +147,12 @@ pub struct ConversationsRow {
     pub trap_rate: f64,
     /// Pairs served, per kind.
     pub served_by_kind: BTreeMap<&'static str, usize>,
+    /// Semantic mode: asked sides that another pair's stored side, of the same bot (model,
+    /// system prompt, tools and parameters), would have answered had their own partner not been
+    /// there. A cache holds many conversations: this is how often one would get another's
+    /// answer (an upper bound: two pairs may ask the same thing).
+    pub others_served: Option<usize>,
+    pub others_rate: Option<f64>,
 }
 
 impl AtThreshold for ConversationsRow {
@@ -208,7 +214,7 @@ pub async fn eval_conversations(
         queries.push((asked, b.expect("two vectors per pair")));
     }
     let outcomes = look_up_all(&cache, &queries, &item_of, grid.lowest());
-    Ok(report_of(pairs, grid, &outcomes, "exact"))
+    Ok(report_of(pairs, grid, &outcomes, None, "exact"))
 }
 
 /// The per-threshold rows of pairs whose outcomes are known.
@@ -216,6 +222,7 @@ fn report_of(
     pairs: &[ConversationPair],
     grid: &Grid,
     outcomes: &super::Outcomes,
+    others: Option<&Others>,
     context: &'static str,
 ) -> ConversationsReport {
     let should_hit = pairs.iter().filter(|pair| pair.should_hit).count();
@@ -238,7 +245,13 @@ fn report_of(
                         .sum()
                 };
                 let (good, bad) = (served(true), served(false));
+                let others_served = others.map(|others| {
+                    let best = if verified { &others.verified } else { &others.plain };
+                    best.iter().filter(|s| s.is_some_and(|s| s >= threshold)).count()
+                });
                 ConversationsRow {
+                    others_served,
+                    others_rate: others_served.map(|n| ratio(n, pairs.len())),
                     threshold,
                     should_hit_served: good,
                     traps_served: bad,
@@ -264,12 +277,27 @@ fn report_of(
     }
 }
 
-/// One side of a pair as the semantic matcher reads it.
-fn context_of(messages: &[serde_json::Value]) -> Option<Context> {
+/// One side of a pair as the semantic matcher reads it, with what stays exact of it (the
+/// partition it is looked up in).
+fn context_of(messages: &[serde_json::Value]) -> Option<(Fingerprint, Context)> {
     let body = serde_json::to_vec(&ConversationPair::request(messages)).ok()?;
     let request = ChatRequest::parse(&body).ok()?;
-    let last = request.cache_input()?.prompt;
-    Some(Context::of(&request.earlier_turns()?, &last))
+    let input = request.cache_input()?;
+    let exact = input
+        .conversation
+        .as_ref()
+        .map_or(input.fingerprint, |conversation| conversation.fingerprint);
+    Some((exact, Context::of(&request.earlier_turns()?, &input.prompt)))
+}
+
+/// One side of a pair: what stays exact of it, and its conversation.
+type Side = (Fingerprint, Context);
+
+/// For each asked side, the highest similarity at which another pair's stored side of the same
+/// partition would answer it: by similarity alone, and passing the matcher.
+struct Others {
+    plain: Vec<Option<f32>>,
+    verified: Vec<Option<f32>>,
 }
 
 /// The semantic matcher on each pair: its similarity is that of the compared texts (each
@@ -283,21 +311,26 @@ pub async fn eval_conversations_semantic(
     pairs: &[ConversationPair],
     grid: &Grid,
 ) -> Result<ConversationsReport, EmbedError> {
-    let contexts: Vec<Option<(Context, Context)>> = pairs
+    let sides: Vec<Option<(Side, Side)>> = pairs
         .iter()
         .map(|pair| Some((context_of(&pair.stored)?, context_of(&pair.asked)?)))
         .collect();
-    let texts: Vec<String> = contexts
+    let texts: Vec<String> = sides
         .iter()
         .flatten()
-        .flat_map(|(stored, asked)| [stored.compared_text(), asked.compared_text()])
+        .flat_map(|((_, stored), (_, asked))| [stored.compared_text(), asked.compared_text()])
         .collect();
-    let mut vectors = embed_all(embedder, texts).await?.into_iter();
+    let vectors = embed_all(embedder, texts).await?;
+    let others = others_of(&sides, &vectors);
+    let contexts = sides
+        .into_iter()
+        .map(|sides| sides.map(|((_, stored), (_, asked))| (stored, asked)));
+    let mut vectors = vectors.into_iter();
     let mut outcomes = super::Outcomes {
         plain: Vec::with_capacity(pairs.len()),
         verified: Vec::with_capacity(pairs.len()),
     };
-    for (i, sides) in contexts.into_iter().enumerate() {
+    for (i, sides) in contexts.enumerate() {
         let Some((stored, asked)) = sides else {
             outcomes.plain.push(None);
             outcomes.verified.push(None);
@@ -313,26 +346,84 @@ pub async fn eval_conversations_semantic(
         outcomes.plain.push(served);
         outcomes.verified.push(served.filter(|_| passes));
     }
-    Ok(report_of(pairs, grid, &outcomes, "semantic"))
+    Ok(report_of(pairs, grid, &outcomes, Some(&others), "semantic"))
+}
+
+/// Each asked side against the stored sides of the other pairs in its partition; `vectors`
+/// holds the compared texts' vectors, stored and asked side of each readable pair in turn.
+fn others_of(sides: &[Option<(Side, Side)>], vectors: &[Vec<f32>]) -> Others {
+    struct Read {
+        pair: usize,
+        exact: Fingerprint,
+        vector: usize,
+        analysed: context::Analysed,
+    }
+    let (mut stored, mut asked) = (Vec::new(), Vec::new());
+    for (pair, ((stored_exact, stored_context), (asked_exact, asked_context))) in sides
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((i, s.as_ref()?)))
+    {
+        let vector = 2 * stored.len();
+        stored.push(Read {
+            pair,
+            exact: *stored_exact,
+            vector,
+            analysed: stored_context.clone().analysed(),
+        });
+        asked.push(Read {
+            pair,
+            exact: *asked_exact,
+            vector: vector + 1,
+            analysed: asked_context.clone().analysed(),
+        });
+    }
+    let mut others = Others {
+        plain: vec![None; sides.len()],
+        verified: vec![None; sides.len()],
+    };
+    for question in &asked {
+        for answer in stored
+            .iter()
+            .filter(|s| s.pair != question.pair && s.exact == question.exact)
+        {
+            let similarity = cosine(&vectors[answer.vector], &vectors[question.vector]).min(1.0);
+            let raise = |best: &mut Option<f32>| *best = Some(best.map_or(similarity, |b| b.max(similarity)));
+            raise(&mut others.plain[question.pair]);
+            if context::check(&answer.analysed, &question.analysed).is_ok() {
+                raise(&mut others.verified[question.pair]);
+            }
+        }
+    }
+    others
 }
 
 /// Should-hit pairs and traps served per threshold (verified, as the server serves by
 /// default; the threshold alone in brackets), then each kind at `default`.
 pub fn conversations_table(report: &ConversationsReport, default: f32) -> String {
+    let others = report.verified.iter().any(|row| row.others_rate.is_some());
     let mut out = String::from(
-        "| threshold | should-hit served | traps served | should-hit served, threshold alone | traps served, threshold alone |\n\
-         |---|---|---|---|---|\n",
+        "| threshold | should-hit served | traps served | should-hit served, threshold alone | traps served, threshold alone |",
     );
+    out.push_str(if others {
+        " another pair's answer served | the same, threshold alone |\n|---|---|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|---|\n"
+    });
     for (plain, verified) in report.plain.iter().zip(&report.verified) {
         let mark = bold_at(plain.threshold, default);
         out.push_str(&format!(
-            "| {mark}{:.2}{mark} | {} | {} | {} | {} |\n",
+            "| {mark}{:.2}{mark} | {} | {} | {} | {} |",
             plain.threshold,
             percent(verified.should_hit_rate),
             percent(verified.trap_rate),
             percent(plain.should_hit_rate),
             percent(plain.trap_rate),
         ));
+        if let (true, Some(verified), Some(plain)) = (others, verified.others_rate, plain.others_rate) {
+            out.push_str(&format!(" {} | {} |", percent(verified), percent(plain)));
+        }
+        out.push('\n');
     }
     let at_default = report
         .verified

@@ -174,6 +174,7 @@ fn look_up_all(
         for verify in [false, true] {
             let criteria = Criteria {
                 threshold,
+                context_threshold: threshold,
                 max_age: None,
                 verify,
             };

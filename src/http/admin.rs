@@ -29,6 +29,7 @@ fn config_json(state: &AppState) -> Value {
         "threshold": super::rounded(settings.threshold),
         "verify": settings.verify,
         "context": settings.context.as_str(),
+        "context_threshold": super::rounded(settings.context_threshold),
         "scope": match state.scope {
             Scope::Tenant => "tenant",
             Scope::Shared => "shared",
@@ -48,6 +49,7 @@ pub struct ConfigPatch {
     threshold: Option<f32>,
     verify: Option<bool>,
     context: Option<ContextMode>,
+    context_threshold: Option<f32>,
 }
 
 pub async fn patch_config(
@@ -55,14 +57,22 @@ pub async fn patch_config(
     JsonBody(patch): JsonBody<ConfigPatch>,
 ) -> Result<Json<Value>, ApiError> {
     let mut settings: Settings = (**state.settings.load()).clone();
-    if let Some(threshold) = patch.threshold {
-        if !(0.0..=1.0).contains(&threshold) {
+    for (name, value) in [
+        ("threshold", patch.threshold),
+        ("context_threshold", patch.context_threshold),
+    ] {
+        if let Some(value) = value.filter(|value| !(0.0..=1.0).contains(value)) {
             return Err(ApiError::InvalidRequest(Invalid {
-                message: format!("'threshold' must be within [0, 1], got {threshold}."),
-                param: Some("threshold".to_owned()),
+                message: format!("'{name}' must be within [0, 1], got {value}."),
+                param: Some(name.to_owned()),
             }));
         }
+    }
+    if let Some(threshold) = patch.threshold {
         settings.threshold = threshold;
+    }
+    if let Some(threshold) = patch.context_threshold {
+        settings.context_threshold = threshold;
     }
     if let Some(verify) = patch.verify {
         settings.verify = verify;
@@ -76,6 +86,7 @@ pub async fn patch_config(
         threshold = settings.threshold,
         verify = settings.verify,
         context = settings.context.as_str(),
+        context_threshold = settings.context_threshold,
         "settings changed through the admin API"
     );
     state.settings.store(Arc::new(settings));

@@ -52,6 +52,7 @@ fn controls_from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Con
         skip_store: false,
         criteria: Criteria {
             threshold: configured_threshold,
+            context_threshold: settings.context_threshold,
             max_age: None,
             verify: settings.verify,
         },
@@ -104,7 +105,9 @@ fn controls_from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Con
                 "{threshold} is below the configured threshold {configured_threshold}; a request may only ask for a stricter one"
             )));
         }
+        // Stricter for conversations too: no match below what the request asked for.
         controls.criteria.threshold = threshold;
+        controls.criteria.context_threshold = controls.criteria.context_threshold.max(threshold);
     }
     Ok(controls)
 }
@@ -416,6 +419,7 @@ mod tests {
             threshold: 0.82,
             verify: true,
             context: crate::config::ContextMode::Exact,
+            context_threshold: crate::config::DEFAULT_CONTEXT_THRESHOLD,
         };
         Some(controls_from_headers(&headers, &settings))
     }
@@ -434,6 +438,21 @@ mod tests {
         }
         assert!(controls("max-age=-1", None).unwrap().is_err());
         assert!(controls("max-age=1e9", None).unwrap().is_err());
+    }
+
+    #[test]
+    fn a_stricter_threshold_asked_for_holds_for_conversations_too() {
+        let plain = controls("", None).unwrap().unwrap().criteria;
+        assert_eq!(
+            (plain.threshold, plain.context_threshold),
+            (0.82, crate::config::DEFAULT_CONTEXT_THRESHOLD)
+        );
+        let strict = controls("", Some("0.9")).unwrap().unwrap().criteria;
+        assert_eq!((strict.threshold, strict.context_threshold), (0.9, 0.9));
+        assert!(
+            controls("", Some("0.75")).unwrap().is_err(),
+            "below the configured 0.82"
+        );
     }
 
     proptest! {

@@ -103,6 +103,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "entries": state.cache.len(),
         "indexed": state.cache.indexed(),
         "threshold": super::rounded(state.settings.load().threshold),
+        "context_threshold": super::rounded(state.settings.load().context_threshold),
         "similarity": {
             "edges": edges(),
             "hits": s.hit_similarity,
@@ -127,6 +128,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         in_flight: state.admission.in_flight(),
         waiting: state.admission.waiting(),
         threshold: state.settings.load().threshold,
+        context_threshold: state.settings.load().context_threshold,
         hit_sum: state.stats.hit_similarity.sum(),
         near_sum: state.stats.near_miss_similarity.sum(),
         conversation_near_sum: state.stats.conversation_near_miss_similarity.sum(),
@@ -189,6 +191,7 @@ struct Live {
     in_flight: usize,
     waiting: usize,
     threshold: f32,
+    context_threshold: f32,
     hit_sum: f64,
     near_sum: f64,
     conversation_near_sum: f64,
@@ -202,6 +205,7 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
         in_flight,
         waiting,
         threshold,
+        context_threshold,
         hit_sum,
         near_sum,
         conversation_near_sum,
@@ -329,7 +333,13 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
         "semcache_similarity_threshold",
         "gauge",
         "The live similarity threshold.",
-        &plain(f64::from(threshold)),
+        &plain(super::rounded(threshold)),
+    );
+    family(
+        "semcache_context_similarity_threshold",
+        "gauge",
+        "The live similarity threshold for conversations (semantic context mode).",
+        &plain(super::rounded(context_threshold)),
     );
     let per_model = |pick: &dyn Fn(&crate::stats::BreakdownSnapshot) -> f64| -> Vec<(String, f64)> {
         s.by_model

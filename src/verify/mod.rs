@@ -233,6 +233,22 @@ mod tests {
             None,
         );
         check("What's 2+2?", "What is 2 + 2?", None);
+        // "Oh no" is dismay, not a negation; "the one" points at a thing, it counts nothing.
+        check(
+            "Oh no, water is coming through my ceiling, what do I do?",
+            "Water is coming through my ceiling, what do I do?",
+            None,
+        );
+        check(
+            "Can you freeze the one ending 4410?",
+            "Can you freeze the card ending 4410?",
+            None,
+        );
+        check(
+            "Can you freeze one card ending 4410?",
+            "Can you freeze two cards ending 4410?",
+            Some(Reason::Number),
+        );
     }
 
     /// Duplicates from Quora that earlier rules refused: idioms, added detail, other spellings.

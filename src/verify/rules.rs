@@ -11,7 +11,27 @@ use super::{Analysis, Reason, Rejection};
 /// number only one prompt adds is mostly detail ("lose weight in 3 months"). "one" is only a
 /// number when the other prompt has a 1 in its place ("one-minute" / "1 minute").
 fn numbers_differ(a: &Analysis, b: &Analysis, alone: bool) -> bool {
-    let has_one = |tokens: &[Token]| tokens.iter().any(|t| t.word == "one");
+    // "one" as a pronoun ("the one ending 4410", "which one", "a new one") counts nothing.
+    let has_one = |tokens: &[Token]| {
+        tokens.iter().enumerate().any(|(i, t)| {
+            t.word == "one"
+                && !i.checked_sub(1).is_some_and(|before| {
+                    matches!(
+                        tokens[before].word.as_str(),
+                        "the"
+                            | "this"
+                            | "that"
+                            | "which"
+                            | "new"
+                            | "other"
+                            | "another"
+                            | "right"
+                            | "wrong"
+                            | "same"
+                    )
+                })
+        })
+    };
     let (one_a, one_b) = (has_one(&a.tokens), has_one(&b.tokens));
     // "one beer" / "five beers": "one" stands against another number.
     let with_one = |numbers: &BTreeSet<String>, one: bool, other: &BTreeSet<String>| {
@@ -92,7 +112,12 @@ fn negation_idiom(word: &str, before: &str, before2: &str, next: Option<&Token>)
                 || (before == "why" && before2 == "or")
                 || matches!(next_word, "only" | "just")
         }
-        "no" => matches!(next_word, "matter" | "doubt") || next.is_some_and(|t| is_numeric(&t.word)),
+        // "no matter", "no doubt", "no 2", "oh no", "no, wait".
+        "no" => {
+            matches!(next_word, "matter" | "doubt")
+                || next.is_some_and(|t| is_numeric(&t.word))
+                || matches!(before, "oh" | "uh" | "ah")
+        }
         _ => false,
     }
 }

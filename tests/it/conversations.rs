@@ -81,7 +81,9 @@ async fn a_reworded_conversation_hits_and_a_swapped_subject_does_not() {
     let stats = semcache.get_json("/stats").await;
     assert_eq!(stats["context"], "semantic");
     assert_eq!(stats["conversation_hits"], 1, "{stats}");
-    assert_eq!(stats["conversation_refusals"], 1, "{stats}");
+    // The gym chat (its request's decision differs) and the other amount.
+    assert_eq!(stats["conversation_refusals"], 2, "{stats}");
+    assert_eq!(stats["verifier_refusals"]["intent"], 1, "{stats}");
     assert_eq!(stats["verifier_refusals"]["number"], 1, "{stats}");
     assert_eq!(stats["semantic_hits"], 0, "{stats}");
     assert_eq!(stats["exact_hits"], 1, "{stats}");
@@ -192,4 +194,71 @@ async fn an_entry_stored_in_a_conversation_keeps_its_context_across_a_restart() 
     );
     assert_eq!(upstream.chat_calls(), 2);
     restarted.stop().await;
+}
+
+#[tokio::test]
+async fn conversations_have_a_threshold_of_their_own() {
+    let upstream = TestUpstream::start().await;
+    let semcache = Semcache::start_with(&upstream, |args| args.context = ContextMode::Semantic).await;
+    let config = semcache.get_json("/admin/config").await;
+    assert_eq!(
+        (config["threshold"].as_f64(), config["context_threshold"].as_f64()),
+        (Some(0.82), Some(0.7)),
+        "{config}"
+    );
+    semcache.chat(&chat(&STREAMING, "Please cancel it.")).await;
+    semcache.chat(&chat(&[], "How do I reset my password?")).await;
+
+    // Conversations above the single-message threshold, by their own.
+    let (status, config) = patch_config(&semcache, json!({"context_threshold": 0.999})).await;
+    assert_eq!((status, config["context_threshold"].as_f64()), (200, Some(0.999)));
+    assert_eq!(
+        semcache
+            .chat(&chat(&STREAMING_REWORDED, "Please cancel it."))
+            .await
+            .cache(),
+        "miss"
+    );
+    let first_message = chat(&[], "How can I reset my password?");
+    assert_eq!(semcache.chat(&first_message).await.cache(), "hit");
+
+    // And below it: a single message no longer hits, a conversation still does.
+    let (status, _) = patch_config(&semcache, json!({"threshold": 0.999, "context_threshold": 0.7})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        semcache
+            .chat(&chat(&[], "How could I reset my password?"))
+            .await
+            .cache(),
+        "miss"
+    );
+    let another = [
+        "Hello there, I would like to stop paying for the Netflix Premium subscription I have.",
+        "Sure thing, I can help with that Netflix Premium subscription. What should I do?",
+    ];
+    let reply = semcache.chat(&chat(&another, "Please cancel it.")).await;
+    assert_eq!(reply.cache(), "hit");
+    let similarity: f64 = reply.header("x-semcache-similarity").unwrap().parse().unwrap();
+    assert!((0.7..1.0).contains(&similarity), "{similarity}");
+
+    for bad in [
+        json!({"context_threshold": 1.5}),
+        json!({"context_threshold": "high"}),
+    ] {
+        let (status, body) = patch_config(&semcache, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
+    }
+    let config = semcache.get_json("/admin/config").await;
+    assert_eq!(config["context_threshold"].as_f64(), Some(0.7), "{config}");
+    assert_eq!(
+        semcache.get_json("/stats").await["context_threshold"].as_f64(),
+        Some(0.7)
+    );
+    let metrics = semcache.get_text("/metrics").await;
+    assert!(
+        metrics.contains("semcache_context_similarity_threshold 0.7"),
+        "{metrics}"
+    );
+    semcache.stop().await;
 }

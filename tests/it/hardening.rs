@@ -499,6 +499,7 @@ async fn the_start_line_names_the_threshold_in_effect() {
             threshold: 0.93,
             verify: true,
             context: semcache::config::ContextMode::Exact,
+            context_threshold: semcache::config::DEFAULT_CONTEXT_THRESHOLD,
         })
         .unwrap();
     let mut process = spawn_binary(

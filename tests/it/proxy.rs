@@ -365,6 +365,7 @@ async fn thresholds_can_be_made_stricter_per_request_and_changed_at_run_time() {
                 threshold,
                 verify: true,
                 context: semcache::config::ContextMode::Exact,
+                context_threshold: semcache::config::DEFAULT_CONTEXT_THRESHOLD,
             }));
     };
     set_threshold(0.999);
