@@ -7,8 +7,8 @@
 //! passes overlap under load: a pass takes the first free session, and the first runs on every
 //! core (a lone prompt, while the others are idle, gets the lowest latency), the others on one
 //! thread each. On 2 cores two sessions went through 2.3-2.5 x candle's misses per second in
-//! the load bench against 1.9-2.1 x with one session on both cores, for about 33 MiB more
-//! resident at start (each session holds its own copy of the weights and the tokenizer).
+//! the load bench against 1.9-2.1 x with one session on both cores. The sessions share the
+//! weights file's mapping (see `load`); each holds its own repacked projections and tokenizer.
 //! ONNX Runtime's threads spin while waiting for work by default; on a few cores shared with
 //! the HTTP server that only burns the time the requests need, so spinning is off.
 
