@@ -153,6 +153,7 @@ pub(super) fn digest(bytes: &[u8]) -> String {
 }
 
 /// The sha256 of the file at `path`, read in pieces (a weights file is tens of MB).
+#[cfg(feature = "onnx")]
 pub(super) fn digest_file(path: &Path) -> Result<String, Error> {
     let mut hasher = Sha256::new();
     std::fs::File::open(path)
