@@ -46,7 +46,6 @@ pub enum EvalCommand {
     Conversations(EvalConversationsArgs),
 }
 
-/// Which model runs, and how.
 /// The default similarity a conversation needs in the semantic context mode. Lower than the
 /// single-message threshold because what is compared by meaning is the request with the turn it
 /// refers back to, while the conversation matcher refuses earlier details and decisions that
@@ -56,6 +55,7 @@ pub enum EvalCommand {
 /// answer (of the same bot) would have been served; at 0.68 two were, both wrong.
 pub const DEFAULT_CONTEXT_THRESHOLD: f32 = 0.70;
 
+/// Which model runs, and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// Embedding backend that runs the model.

@@ -158,22 +158,21 @@ pub(super) fn digest_file(path: &Path) -> Result<String, Error> {
     let mut hasher = Sha256::new();
     std::fs::File::open(path)
         .and_then(|mut file| std::io::copy(&mut file, &mut hasher))
-        .map_err(|err| {
-            Error::ModelFiles(format!(
-                "cannot read {}: {err} (run `models/fetch` or `make model` to download the model)",
-                path.display()
-            ))
-        })?;
+        .map_err(|err| unreadable(path, err))?;
     Ok(hex::encode(hasher.finalize()))
 }
 
 fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read(dir.join(name)).map_err(|err| {
-        Error::ModelFiles(format!(
-            "cannot read {}: {err} (run `models/fetch` or `make model` to download the model)",
-            dir.join(name).display()
-        ))
-    })
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|err| unreadable(&path, err))
+}
+
+/// A model file that cannot be read, most likely not fetched yet.
+fn unreadable(path: &Path, err: std::io::Error) -> Error {
+    Error::ModelFiles(format!(
+        "cannot read {}: {err} (run `models/fetch` or `make model` to download the model)",
+        path.display()
+    ))
 }
 
 fn parse_error(name: &str, err: serde_json::Error) -> Error {

@@ -277,9 +277,9 @@ fn report_of(
     }
 }
 
-/// One side of a pair as the semantic matcher reads it, with what stays exact of it (the
-/// partition it is looked up in).
-fn context_of(messages: &[serde_json::Value]) -> Option<(Fingerprint, Context)> {
+/// One side of a pair as the semantic matcher reads it, analysed, with what stays exact of it
+/// (the partition it is looked up in).
+fn side_of(messages: &[serde_json::Value]) -> Option<Side> {
     let body = serde_json::to_vec(&ConversationPair::request(messages)).ok()?;
     let request = ChatRequest::parse(&body).ok()?;
     let input = request.cache_input()?;
@@ -287,11 +287,18 @@ fn context_of(messages: &[serde_json::Value]) -> Option<(Fingerprint, Context)> 
         .conversation
         .as_ref()
         .map_or(input.fingerprint, |conversation| conversation.fingerprint);
-    Some((exact, Context::of(&request.earlier_turns()?, &input.prompt)))
+    let context = Context::of(&request.earlier_turns()?, &input.prompt);
+    Some(Side {
+        exact,
+        analysed: context.analysed(),
+    })
 }
 
-/// One side of a pair: what stays exact of it, and its conversation.
-type Side = (Fingerprint, Context);
+/// One side of a pair: what stays exact of it, and its conversation analysed.
+struct Side {
+    exact: Fingerprint,
+    analysed: context::Analysed,
+}
 
 /// For each asked side, the highest similarity at which another pair's stored side of the same
 /// partition would answer it: by similarity alone, and passing the matcher.
@@ -311,87 +318,54 @@ pub async fn eval_conversations_semantic(
     pairs: &[ConversationPair],
     grid: &Grid,
 ) -> Result<ConversationsReport, EmbedError> {
-    let sides: Vec<Option<(Side, Side)>> = pairs
+    // Each readable pair's stored and asked sides, with the pair's index.
+    let sides: Vec<(usize, Side, Side)> = pairs
         .iter()
-        .map(|pair| Some((context_of(&pair.stored)?, context_of(&pair.asked)?)))
+        .enumerate()
+        .filter_map(|(i, pair)| Some((i, side_of(&pair.stored)?, side_of(&pair.asked)?)))
         .collect();
     let texts: Vec<String> = sides
         .iter()
-        .flatten()
-        .flat_map(|((_, stored), (_, asked))| [stored.compared_text(), asked.compared_text()])
+        .flat_map(|(_, stored, asked)| [stored, asked].map(|side| side.analysed.context.compared_text()))
         .collect();
+    // The stored side of `sides[n]` has vector 2n, its asked side 2n + 1.
     let vectors = embed_all(embedder, texts).await?;
-    let others = others_of(&sides, &vectors);
-    let contexts = sides
-        .into_iter()
-        .map(|sides| sides.map(|((_, stored), (_, asked))| (stored, asked)));
-    let mut vectors = vectors.into_iter();
     let mut outcomes = super::Outcomes {
-        plain: Vec::with_capacity(pairs.len()),
-        verified: Vec::with_capacity(pairs.len()),
+        plain: vec![None; pairs.len()],
+        verified: vec![None; pairs.len()],
     };
-    for (i, sides) in contexts.enumerate() {
-        let Some((stored, asked)) = sides else {
-            outcomes.plain.push(None);
-            outcomes.verified.push(None);
-            continue;
-        };
-        let mut next = || vectors.next().expect("two vectors per pair");
-        let (compared_s, compared_a) = (next(), next());
+    for (n, (i, stored, asked)) in sides.iter().enumerate() {
         let served = Some(super::Served {
-            item: i,
-            similarity: cosine(&compared_s, &compared_a).min(1.0),
+            item: *i,
+            similarity: cosine(&vectors[2 * n], &vectors[2 * n + 1]).min(1.0),
         });
-        let passes = context::check(&stored.analysed(), &asked.analysed()).is_ok();
-        outcomes.plain.push(served);
-        outcomes.verified.push(served.filter(|_| passes));
+        outcomes.plain[*i] = served;
+        if context::check(&stored.analysed, &asked.analysed).is_ok() {
+            outcomes.verified[*i] = served;
+        }
     }
+    let others = others_of(pairs.len(), &sides, &vectors);
     Ok(report_of(pairs, grid, &outcomes, Some(&others), "semantic"))
 }
 
-/// Each asked side against the stored sides of the other pairs in its partition; `vectors`
-/// holds the compared texts' vectors, stored and asked side of each readable pair in turn.
-fn others_of(sides: &[Option<(Side, Side)>], vectors: &[Vec<f32>]) -> Others {
-    struct Read {
-        pair: usize,
-        exact: Fingerprint,
-        vector: usize,
-        analysed: context::Analysed,
-    }
-    let (mut stored, mut asked) = (Vec::new(), Vec::new());
-    for (pair, ((stored_exact, stored_context), (asked_exact, asked_context))) in sides
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| Some((i, s.as_ref()?)))
-    {
-        let vector = 2 * stored.len();
-        stored.push(Read {
-            pair,
-            exact: *stored_exact,
-            vector,
-            analysed: stored_context.clone().analysed(),
-        });
-        asked.push(Read {
-            pair,
-            exact: *asked_exact,
-            vector: vector + 1,
-            analysed: asked_context.clone().analysed(),
-        });
-    }
+/// Each asked side against the stored sides of the other pairs in its partition; `vectors` as
+/// in [`eval_conversations_semantic`].
+fn others_of(pairs: usize, sides: &[(usize, Side, Side)], vectors: &[Vec<f32>]) -> Others {
     let mut others = Others {
-        plain: vec![None; sides.len()],
-        verified: vec![None; sides.len()],
+        plain: vec![None; pairs],
+        verified: vec![None; pairs],
     };
-    for question in &asked {
-        for answer in stored
+    for (n, (i, _, asked)) in sides.iter().enumerate() {
+        let answers = sides
             .iter()
-            .filter(|s| s.pair != question.pair && s.exact == question.exact)
-        {
-            let similarity = cosine(&vectors[answer.vector], &vectors[question.vector]).min(1.0);
+            .enumerate()
+            .filter(|(m, (_, stored, _))| *m != n && stored.exact == asked.exact);
+        for (m, (_, stored, _)) in answers {
+            let similarity = cosine(&vectors[2 * m], &vectors[2 * n + 1]).min(1.0);
             let raise = |best: &mut Option<f32>| *best = Some(best.map_or(similarity, |b| b.max(similarity)));
-            raise(&mut others.plain[question.pair]);
-            if context::check(&answer.analysed, &question.analysed).is_ok() {
-                raise(&mut others.verified[question.pair]);
+            raise(&mut others.plain[*i]);
+            if context::check(&stored.analysed, &asked.analysed).is_ok() {
+                raise(&mut others.verified[*i]);
             }
         }
     }

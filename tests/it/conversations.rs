@@ -36,6 +36,18 @@ async fn patch_config(semcache: &Semcache, body: Value) -> (u16, Value) {
     (reply.status, reply.json())
 }
 
+/// How the cache answered the chat of `turns` before `last` (the `x-semcache` header).
+async fn cache_outcome(semcache: &Semcache, turns: &[&str], last: &str) -> String {
+    semcache.chat(&chat(turns, last)).await.cache().to_owned()
+}
+
+/// A settings change the admin API refuses, in the OpenAI error shape.
+async fn assert_patch_refused(semcache: &Semcache, bad: Value) {
+    let (status, body) = patch_config(semcache, bad.clone()).await;
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
+}
+
 #[tokio::test]
 async fn a_reworded_conversation_hits_and_a_swapped_subject_does_not() {
     let upstream = TestUpstream::start().await;
@@ -115,17 +127,12 @@ async fn in_exact_mode_earlier_turns_match_word_for_word_and_the_mode_switches_l
         "Sure, I can help with the FitLife gym membership. What should I do?",
     ];
     assert_eq!(
-        semcache
-            .chat(&chat(&gym_reworded, "Please cancel it."))
-            .await
-            .cache(),
+        cache_outcome(&semcache, &gym_reworded, "Please cancel it.").await,
         "hit"
     );
 
     for bad in [json!({"context": "fuzzy"}), json!({"context": 1})] {
-        let (status, body) = patch_config(&semcache, bad.clone()).await;
-        assert_eq!(status, 400, "{bad}");
-        assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
+        assert_patch_refused(&semcache, bad).await;
     }
     let (status, _) = patch_config(&semcache, json!({"context": "exact"})).await;
     assert_eq!(status, 200);
@@ -134,7 +141,7 @@ async fn in_exact_mode_earlier_turns_match_word_for_word_and_the_mode_switches_l
         "Of course, I can help with the FitLife gym membership. What would you like?",
     ];
     assert_eq!(
-        semcache.chat(&chat(&third, "Please cancel it.")).await.cache(),
+        cache_outcome(&semcache, &third, "Please cancel it.").await,
         "miss"
     );
     // Nor does an entry stored in a conversation serve a first message in exact mode, even one
@@ -152,10 +159,7 @@ async fn in_exact_mode_earlier_turns_match_word_for_word_and_the_mode_switches_l
     // A first message still hits by meaning in either mode.
     semcache.chat(&chat(&[], "How do I reset my password?")).await;
     assert_eq!(
-        semcache
-            .chat(&chat(&[], "How can I reset my password?"))
-            .await
-            .cache(),
+        cache_outcome(&semcache, &[], "How can I reset my password?").await,
         "hit"
     );
     semcache.stop().await;
@@ -213,10 +217,7 @@ async fn conversations_have_a_threshold_of_their_own() {
     let (status, config) = patch_config(&semcache, json!({"context_threshold": 0.999})).await;
     assert_eq!((status, config["context_threshold"].as_f64()), (200, Some(0.999)));
     assert_eq!(
-        semcache
-            .chat(&chat(&STREAMING_REWORDED, "Please cancel it."))
-            .await
-            .cache(),
+        cache_outcome(&semcache, &STREAMING_REWORDED, "Please cancel it.").await,
         "miss"
     );
     let first_message = chat(&[], "How can I reset my password?");
@@ -226,10 +227,7 @@ async fn conversations_have_a_threshold_of_their_own() {
     let (status, _) = patch_config(&semcache, json!({"threshold": 0.999, "context_threshold": 0.7})).await;
     assert_eq!(status, 200);
     assert_eq!(
-        semcache
-            .chat(&chat(&[], "How could I reset my password?"))
-            .await
-            .cache(),
+        cache_outcome(&semcache, &[], "How could I reset my password?").await,
         "miss"
     );
     let another = [
@@ -245,9 +243,7 @@ async fn conversations_have_a_threshold_of_their_own() {
         json!({"context_threshold": 1.5}),
         json!({"context_threshold": "high"}),
     ] {
-        let (status, body) = patch_config(&semcache, bad.clone()).await;
-        assert_eq!(status, 400, "{bad}");
-        assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
+        assert_patch_refused(&semcache, bad).await;
     }
     let config = semcache.get_json("/admin/config").await;
     assert_eq!(config["context_threshold"].as_f64(), Some(0.7), "{config}");
