@@ -379,12 +379,14 @@ impl Decisions {
         let mut decisions = Decisions::default();
         for (i, word) in words.iter().enumerate() {
             for (kind, verbs) in ACTIONS.iter().enumerate() {
-                let is_action = verbs
-                    .iter()
-                    .any(|verb| word == verb || word.starts_with(verb) && word.len() <= verb.len() + 3);
-                if !is_action {
+                let Some(verb) = verbs.iter().find(|verb| is_form_of(word, verb)) else {
                     continue;
-                }
+                };
+                let kind = match not_decided(&words, i, verb) {
+                    Reading::Decision => kind,
+                    Reading::Kind(other) => other,
+                    Reading::NoDecision => continue,
+                };
                 let refused = words[i.saturating_sub(4)..i]
                     .iter()
                     .any(|w| REFUSING.contains(&w.as_str()));
@@ -431,6 +433,69 @@ impl Decisions {
         }
         Ok(())
     }
+}
+
+/// Whether `word` is a form of the action `verb`: the verb, the verb with an ending of up to
+/// three letters ("cancelled", "pausing"), or a long verb missing its last letter ("delet").
+fn is_form_of(word: &str, verb: &str) -> bool {
+    word == verb
+        || word.starts_with(verb) && word.len() <= verb.len() + 3
+        || verb.len() >= 6 && word.len() + 1 == verb.len() && verb.starts_with(word)
+}
+
+/// How an action word found at `words[at]` reads.
+enum Reading {
+    Decision,
+    /// A decision of another kind ("take me off" the list is a drop, not an acceptance).
+    Kind(usize),
+    /// No decision: a state ("it's closed", "the class was cancelled"), a habit ("I keep
+    /// running out"), a noun ("annual leave", "my first pay", "pocket money", "the card
+    /// ending 4410"), or a count ("I've taken 9 days").
+    NoDecision,
+}
+
+/// Reads an action word in its sentence: what happened to the user, or what they do anyway, is
+/// not a decision they take.
+fn not_decided(words: &[String], at: usize, verb: &str) -> Reading {
+    let before = |n: usize| at.checked_sub(n).map_or("", |i| words[i].as_str());
+    let after = |n: usize| words.get(at + n).map_or("", String::as_str);
+    let within = |n: usize, wanted: &dyn Fn(&str) -> bool| (1..=n).any(|k| wanted(after(k)));
+    let is_number = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_digit());
+    let passive = matches!(
+        before(1),
+        "is" | "its" | "was" | "were" | "been" | "are" | "got" | "being"
+    );
+    let no_decision = passive
+        || match verb {
+            "keep" => after(1).ends_with("ing"),
+            "leave" => matches!(
+                before(1),
+                "annual" | "sick" | "parental" | "maternity" | "paternity" | "unpaid" | "of"
+            ),
+            "pay" => matches!(
+                before(1),
+                "my" | "your" | "his" | "her" | "our" | "their" | "first" | "the" | "sick" | "holiday"
+            ),
+            "money" => !within(3, &|w| w == "back"),
+            "send" => !within(3, &|w| w == "back"),
+            "end" => within(2, &is_number),
+            "take" => within(2, &is_number) || within(3, &|w| w == "off") && !within(2, &is_pronoun),
+            _ => false,
+        };
+    if no_decision {
+        Reading::NoDecision
+    } else if verb == "take" && within(3, &|w| w == "off") {
+        Reading::Kind(DROP)
+    } else {
+        Reading::Decision
+    }
+}
+
+fn is_pronoun(word: &str) -> bool {
+    matches!(
+        word,
+        "me" | "it" | "him" | "her" | "us" | "them" | "that" | "this"
+    )
 }
 
 /// The assistant ended a topic: "Anything else?", "Glad that worked".
@@ -863,6 +928,9 @@ const FUNCTION_WORDS: &[&str] = &[
 ];
 
 /// Kinds of action a conversation decides, each with the verbs that take it.
+/// The kind of [`ACTIONS`] that drops or removes.
+const DROP: usize = 5;
+
 const ACTIONS: &[&[&str]] = &[
     &["cancel", "stop", "end", "terminate", "close", "quit"],
     &["pause", "freeze", "suspend", "hold"],
@@ -1033,6 +1101,41 @@ mod tests {
             ),
         );
         assert!(negated.is_err());
+    }
+
+    fn decided(text: &str) -> Vec<&'static str> {
+        let decisions = Decisions::of(text);
+        assert!(
+            decisions.refused.is_empty(),
+            "{text:?} refuses {:?}",
+            decisions.refused
+        );
+        decisions.taken.iter().map(|&kind| ACTIONS[kind][0]).collect()
+    }
+
+    #[test]
+    fn only_what_the_user_decides_is_a_decision() {
+        assert_eq!(ACTIONS[DROP][0], "drop");
+        // States, habits, nouns and counts decide nothing.
+        for text in [
+            "I've also got Outlook on my laptop, but it's closed.",
+            "My kids keep fighting over the telly.",
+            "I've taken 9 days of annual leave so far.",
+            "When will I get my first pay?",
+            "A monthly one, $200, on the 1st. Pocket money, really.",
+            "It's the card ending 4410.",
+            "I want to take time off in March.",
+        ] {
+            assert_eq!(decided(text), Vec::<&str>::new(), "{text:?}");
+        }
+        // What happened to the user is not their decision: the class was cancelled for them.
+        assert_eq!(decided("I cancelled my spot in the 7am class."), ["cancel"]);
+        assert_eq!(decided("The 7am class was cancelled."), Vec::<&str>::new());
+        assert_eq!(decided("Please take me off the waitlist."), ["drop"]);
+        assert_eq!(decided("I'd like to send it back."), ["return"]);
+        assert_eq!(decided("Can I get my money back?"), ["refund"]);
+        assert_eq!(decided("how do i delet my account"), ["delete"]);
+        assert_eq!(decided("That's fine, I'll pay it."), ["pay"]);
     }
 
     #[test]

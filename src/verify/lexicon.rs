@@ -13,6 +13,7 @@ pub(super) const ANTONYMS: &[(&str, &str)] = &[
     ("open", "close"),
     ("open", "closed"),
     ("open", "shut"),
+    ("open", "sealed"),
     ("on", "off"),
     ("enable", "disable"),
     ("allow", "ban"),

@@ -216,6 +216,35 @@ mod tests {
     }
 
     #[test]
+    fn a_time_said_two_ways_is_one_time() {
+        check(
+            "I left my card at a restaurant last night.",
+            "I left my card at a restaurant yesterday evening.",
+            None,
+        );
+        check(
+            "What would annual billing cost us?",
+            "What would yearly billing cost us?",
+            None,
+        );
+        check(
+            "We pay monthly, what does switching cost?",
+            "We pay month to month, what does switching cost?",
+            None,
+        );
+        check(
+            "We pay month to month, what does switching cost?",
+            "We pay yearly, what does switching cost?",
+            Some(Reason::DateTime),
+        );
+        check(
+            "Can I return the speaker if it's still sealed?",
+            "Can I return the speaker if it's opened?",
+            Some(Reason::Negation),
+        );
+    }
+
+    #[test]
     fn paraphrases_pass() {
         check(
             "What time does the store close?",

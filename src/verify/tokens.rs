@@ -99,7 +99,7 @@ pub(super) fn tokens(text: &str) -> Vec<Token> {
         }
     }
     let mut out: Vec<Token> = Vec::with_capacity(words.len());
-    for (word, name_like) in words {
+    for (word, name_like) in same_times(words) {
         let after_number = out.last().is_some_and(|t| is_numeric(&t.word));
         out.push(Token {
             stem: stem(&word),
@@ -107,6 +107,31 @@ pub(super) fn tokens(text: &str) -> Vec<Token> {
             name_like,
             after_number,
         });
+    }
+    out
+}
+
+/// Times said two ways, written one way: "last night" is "yesterday night", "month to month"
+/// is "monthly", "yearly" and "annually" are "annual".
+fn same_times(words: Vec<(String, bool)>) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::with_capacity(words.len());
+    let mut rest = words.into_iter().peekable();
+    while let Some((word, name_like)) = rest.next() {
+        match word.as_str() {
+            "last" if rest.peek().is_some_and(|(next, _)| next == "night") => {
+                out.push(("yesterday".into(), false));
+            }
+            "yearly" | "annually" => out.push(("annual".into(), name_like)),
+            "month"
+                if out.last().is_some_and(|(w, _)| w == "to")
+                    && out.len() >= 2
+                    && out[out.len() - 2].0 == "month" =>
+            {
+                out.truncate(out.len() - 2);
+                out.push(("monthly".into(), name_like));
+            }
+            _ => out.push((word, name_like)),
+        }
     }
     out
 }

@@ -296,7 +296,7 @@ async fn the_conversation_suite_is_labelled_and_exact_context_is_its_baseline() 
 }
 
 /// The semantic conversation matcher on the team's suite, at the default threshold for
-/// conversations: it serves nearly half of the follow-ups (exact context serves none) and at
+/// conversations: it serves at least half of the follow-ups (exact context serves none) and at
 /// most 5% of the traps, no more than 2 of a kind, and no asked conversation would get another
 /// pair's answer; at the single-message threshold it serves fewer. `eval conversations
 /// --context semantic` says which context it compared. The bounds sit just below today's
@@ -319,7 +319,7 @@ async fn the_semantic_matcher_serves_follow_ups_and_refuses_traps_on_the_suite()
     };
     let at_default = at(default);
     assert!(
-        at_default.should_hit_rate >= 0.45,
+        at_default.should_hit_rate >= 0.5,
         "follow-ups served: {at_default:?}"
     );
     assert!(at_default.trap_rate <= 0.05, "traps served: {at_default:?}");
