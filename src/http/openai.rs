@@ -1,6 +1,7 @@
-//! The OpenAI-compatible routes: cached chat completions and plain forwarding of the rest.
+//! The OpenAI-compatible routes: cached chat completions and legacy completions, and plain
+//! forwarding of the rest.
 //!
-//! Chat completions are converted here and nothing more: wire format and headers to a
+//! Each cached surface is converted here and nothing more: wire format and headers to a
 //! [`CacheRequest`], and the core's [`Served`] back to a response. The flow itself (lookup,
 //! coalescing, what is stored and when) is `cache::Service`'s.
 
@@ -23,7 +24,7 @@ use super::AppState;
 use crate::cache::{
     CacheRequest, Controls, Criteria, Feedback, Outcome, Protocol, Replay, Served, ServedBody,
 };
-use crate::openai::ChatCompletions;
+use crate::openai::{ChatCompletions, Completions};
 use crate::settings::Settings;
 use crate::upstream::FORWARDED_RESPONSE_HEADERS;
 
@@ -126,8 +127,26 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    cached(&ChatCompletions, state, headers, body).await
+}
+
+/// `POST /v1/completions`, the legacy text completions.
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    cached(&Completions, state, headers, body).await
+}
+
+/// One request to a cached surface: read and validated here, answered by the core.
+async fn cached<P: Protocol>(
+    protocol: &P,
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let protocol = ChatCompletions;
     let prepared = async {
         let tenant = tenant_of(state.scope, &headers)?;
         let bytes = read_body(body, state.body_limits.max_bytes).await?;
@@ -148,7 +167,7 @@ pub async fn chat_completions(
     let served = state
         .service
         .answer(
-            &protocol,
+            protocol,
             CacheRequest {
                 tenant,
                 request: &request,
@@ -159,7 +178,7 @@ pub async fn chat_completions(
             call,
         )
         .await?;
-    Ok(respond(&protocol, &request, served))
+    Ok(respond(protocol, &request, served))
 }
 
 /// The core's answer as an HTTP response.

@@ -48,36 +48,8 @@ impl Protocol for ChatCompletions {
         }
     }
 
-    /// Every choice finished, and not by the content filter.
     fn storable(&self, answer: &[u8]) -> Option<Usage> {
-        let completion: Value = match serde_json::from_slice(answer) {
-            Ok(completion) => completion,
-            Err(err) => {
-                tracing::warn!(error = %err, "upstream answered 2xx with a body that is not JSON; not stored");
-                return None;
-            }
-        };
-        let choices = completion.get("choices")?.as_array()?;
-        if choices.is_empty() {
-            return None;
-        }
-        let all_finished = choices.iter().all(|choice| {
-            matches!(choice.get("finish_reason").and_then(Value::as_str), Some(reason) if reason != "content_filter")
-        });
-        if !all_finished {
-            return None;
-        }
-        let usage = completion.get("usage");
-        let tokens = |field: &str| {
-            usage
-                .and_then(|u| u.get(field))
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        };
-        Some(Usage {
-            prompt_tokens: tokens("prompt_tokens"),
-            completion_tokens: tokens("completion_tokens"),
-        })
+        storable_choices(answer)
     }
 
     fn stream_reader(&self, request: &ChatRequest) -> Box<dyn StreamReader> {
@@ -152,12 +124,50 @@ impl StreamReader for ChatStream {
     }
 
     fn error(&self, reason: &str) -> Bytes {
-        let body = json!({"error": {
-            "message": format!("The upstream stream ended early: {reason}"),
-            "type": "upstream_error",
-            "param": null,
-            "code": "upstream_stream_broken",
-        }});
-        sse::event(&body.to_string())
+        stream_error(reason)
     }
+}
+
+/// Whether an answer may be stored, and its token usage: every choice finished, and not by
+/// the content filter (chat and legacy completions alike).
+pub(super) fn storable_choices(answer: &[u8]) -> Option<Usage> {
+    let completion: Value = match serde_json::from_slice(answer) {
+        Ok(completion) => completion,
+        Err(err) => {
+            tracing::warn!(error = %err, "upstream answered 2xx with a body that is not JSON; not stored");
+            return None;
+        }
+    };
+    let choices = completion.get("choices")?.as_array()?;
+    if choices.is_empty() {
+        return None;
+    }
+    let all_finished = choices.iter().all(|choice| {
+        matches!(choice.get("finish_reason").and_then(Value::as_str), Some(reason) if reason != "content_filter")
+    });
+    if !all_finished {
+        return None;
+    }
+    let usage = completion.get("usage");
+    let tokens = |field: &str| {
+        usage
+            .and_then(|u| u.get(field))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Some(Usage {
+        prompt_tokens: tokens("prompt_tokens"),
+        completion_tokens: tokens("completion_tokens"),
+    })
+}
+
+/// The last event of a stream that broke, as OpenAI's SDKs report an error.
+pub(super) fn stream_error(reason: &str) -> Bytes {
+    let body = json!({"error": {
+        "message": format!("The upstream stream ended early: {reason}"),
+        "type": "upstream_error",
+        "param": null,
+        "code": "upstream_stream_broken",
+    }});
+    sse::event(&body.to_string())
 }

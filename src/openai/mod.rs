@@ -1,9 +1,12 @@
-//! OpenAI wire formats: what the cache needs from requests, and streamed responses.
+//! OpenAI wire formats (chat completions, legacy completions): what the cache needs from
+//! requests, and streamed responses.
 
 mod chat;
+mod completions;
 pub mod request;
 pub mod sse;
 
 pub use crate::cache::{CacheInput, Invalid};
 pub use chat::ChatCompletions;
+pub use completions::{CompletionRequest, Completions};
 pub use request::ChatRequest;

@@ -7,7 +7,7 @@ use crate::cache::{Conversation, Digest32, Fingerprint};
 use crate::context::Turn;
 
 /// Request fields that do not change the answer, left out of the fingerprint.
-const NOT_IN_FINGERPRINT: &[&str] = &[
+pub(super) const NOT_IN_FINGERPRINT: &[&str] = &[
     "stream",
     "stream_options",
     "user",
@@ -55,18 +55,7 @@ impl ChatRequest {
         };
         validate_messages(body.get("messages"))?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);
-        let include_usage = match body.get("stream_options") {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(options)) => optional_bool(options, "include_usage")
-                .map_err(|_| {
-                    invalid(
-                        "'include_usage' must be a boolean.",
-                        "stream_options.include_usage",
-                    )
-                })?
-                .unwrap_or(false),
-            Some(_) => return Err(invalid("'stream_options' must be an object.", "stream_options")),
-        };
+        let include_usage = stream_options(&body)?;
         let n = match body.get("n") {
             None | Some(Value::Null) => 1,
             Some(value) => match value.as_u64() {
@@ -208,18 +197,39 @@ impl ChatRequest {
     /// The body to send upstream for a streamed miss: the client's own, with the final usage
     /// chunk asked for, so that the stored answer knows its token counts.
     pub fn body_with_usage(&self) -> Vec<u8> {
-        let mut body = self.body.clone();
-        let options = body
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(options) = options {
-            options.insert("include_usage".to_owned(), Value::Bool(true));
-        }
-        serde_json::to_vec(&body).expect("a JSON map serialises")
+        with_usage(&self.body)
     }
 }
 
-fn optional_bool(map: &Map<String, Value>, field: &str) -> Result<Option<bool>, Invalid> {
+/// A streamed request's body asking for the final usage chunk too.
+pub(super) fn with_usage(body: &Map<String, Value>) -> Vec<u8> {
+    let mut body = body.clone();
+    let options = body
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(options) = options {
+        options.insert("include_usage".to_owned(), Value::Bool(true));
+    }
+    serde_json::to_vec(&body).expect("a JSON map serialises")
+}
+
+/// Whether `stream_options` asks for a final usage chunk.
+pub(super) fn stream_options(body: &Map<String, Value>) -> Result<bool, Invalid> {
+    match body.get("stream_options") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Object(options)) => Ok(optional_bool(options, "include_usage")
+            .map_err(|_| {
+                invalid(
+                    "'include_usage' must be a boolean.",
+                    "stream_options.include_usage",
+                )
+            })?
+            .unwrap_or(false)),
+        Some(_) => Err(invalid("'stream_options' must be an object.", "stream_options")),
+    }
+}
+
+pub(super) fn optional_bool(map: &Map<String, Value>, field: &str) -> Result<Option<bool>, Invalid> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(value)) => Ok(Some(*value)),
@@ -311,9 +321,14 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 }
 
 fn fingerprint_of(context: Map<String, Value>) -> Fingerprint {
+    fingerprint_in("semcache/context/v1", context)
+}
+
+/// The fingerprint of a context, in a surface's own domain: two surfaces' contexts never meet.
+pub(super) fn fingerprint_in(domain: &str, context: Map<String, Value>) -> Fingerprint {
     let mut canonical = Vec::new();
     write_canonical(&Value::Object(context), &mut canonical);
-    Fingerprint(Digest32::of("semcache/context/v1", &[&canonical]))
+    Fingerprint(Digest32::of(domain, &[&canonical]))
 }
 
 /// `context` without the user and assistant messages before the one at `last_user`: what a

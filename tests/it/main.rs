@@ -2,6 +2,7 @@
 
 mod admin;
 mod cluster;
+mod completions;
 mod conversations;
 mod crash;
 mod dashboard;

@@ -41,6 +41,7 @@ pub enum Mode {
 #[derive(Default)]
 struct UpstreamState {
     chat_calls: AtomicUsize,
+    completion_calls: AtomicUsize,
     other_calls: AtomicUsize,
     mode: Mutex<Option<Mode>>,
     delay: Mutex<Duration>,
@@ -59,6 +60,7 @@ impl TestUpstream {
         let state = Arc::new(UpstreamState::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completion))
             .route("/v1/models", get(models))
             .fallback(stray)
             .with_state(Arc::clone(&state));
@@ -74,6 +76,11 @@ impl TestUpstream {
 
     pub fn chat_calls(&self) -> usize {
         self.state.chat_calls.load(Ordering::SeqCst)
+    }
+
+    /// Calls to `/v1/completions` (legacy completions).
+    pub fn completion_calls(&self) -> usize {
+        self.state.completion_calls.load(Ordering::SeqCst)
     }
 
     pub fn other_calls(&self) -> usize {
@@ -186,6 +193,67 @@ async fn chat(
         _ => frames.push(Ok(Bytes::from("data: [DONE]\n\n"))),
     }
     // Frames go out one by one with a pause, as a real model's tokens do.
+    let stream = futures::stream::iter(frames).then(|frame| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        frame
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+/// Legacy completions: the answer names the call and the prompt, as `chat` does; the same
+/// modes (status, broken stream).
+async fn completion(State(state): State<Arc<UpstreamState>>, Json(body): Json<Value>) -> Response {
+    let call = state.completion_calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let mode = state.mode.lock().unwrap_or(Mode::Normal);
+    if let Mode::Status(code) = mode {
+        let status = StatusCode::from_u16(code).unwrap();
+        let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
+        return (status, Json(error)).into_response();
+    }
+    let prompt = match &body["prompt"] {
+        Value::Array(items) => items.first().and_then(Value::as_str).unwrap_or("").to_owned(),
+        prompt => prompt.as_str().unwrap_or("").to_owned(),
+    };
+    let text = format!(" Completion #{call} of: {prompt}");
+    let model = body["model"].as_str().unwrap_or("unknown").to_owned();
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14});
+    let id = format!("cmpl-up{call}");
+    if body["stream"] != json!(true) {
+        return Json(json!({
+            "id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "length"}], "usage": usage
+        }))
+        .into_response();
+    }
+    let chunk = |text: &str, finish: Value| {
+        json!({"id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+               "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]})
+    };
+    let (head, tail) = text.split_at(text.len() / 2);
+    let mut events = vec![
+        chunk(head, Value::Null),
+        chunk(tail, Value::Null),
+        chunk("", json!("length")),
+    ];
+    if body["stream_options"]["include_usage"] == json!(true) {
+        events.push(
+            json!({"id": id, "object": "text_completion", "created": 1_700_000_000, "model": model,
+                           "choices": [], "usage": usage}),
+        );
+    }
+    let mut frames: Vec<Result<Bytes, std::io::Error>> = events
+        .iter()
+        .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
+        .collect();
+    if mode == Mode::BrokenStream {
+        frames.truncate(1);
+        frames.push(Err(std::io::Error::other("connection reset by test upstream")));
+    } else {
+        frames.push(Ok(Bytes::from("data: [DONE]\n\n")));
+    }
     let stream = futures::stream::iter(frames).then(|frame| async move {
         tokio::time::sleep(Duration::from_millis(5)).await;
         frame
