@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::cache::{HitKind, TenantId, Usage};
+use crate::cache::{HitKind, Surface, TenantId, Usage};
 use crate::verify::Reason;
 
 /// Number of equal-width similarity buckets between 0 and 1.
@@ -139,7 +139,15 @@ impl Histogram {
     }
 }
 
-/// Counters of one model or one tenant.
+/// Whose request a figure counts: the surface it came in on, the model it asked for, its tenant.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub surface: Surface,
+    pub model: &'a str,
+    pub tenant: TenantId,
+}
+
+/// Counters of one surface, model or tenant.
 #[derive(Debug, Default)]
 pub struct Breakdown {
     requests: AtomicU64,
@@ -205,6 +213,8 @@ pub struct Stats {
     refusals: [AtomicU64; Reason::ALL.len()],
     feedback_correct: AtomicU64,
     feedback_wrong: AtomicU64,
+    /// In [`Surface::ALL`] order.
+    by_surface: [Breakdown; Surface::ALL.len()],
     by_model: Rows<String>,
     by_tenant: Rows<TenantId>,
     history: Mutex<History>,
@@ -302,6 +312,7 @@ pub struct Snapshot {
     pub refusals: Vec<(Reason, u64)>,
     pub feedback_correct: u64,
     pub feedback_wrong: u64,
+    pub by_surface: Vec<(Surface, BreakdownSnapshot)>,
     pub by_model: Vec<(String, BreakdownSnapshot, bool)>,
     pub by_tenant: Vec<(TenantId, BreakdownSnapshot)>,
     pub history: Vec<Interval>,
@@ -338,14 +349,29 @@ impl Stats {
         }
     }
 
-    fn count_request(&self, model: &str, tenant: TenantId) -> (Arc<Breakdown>, Arc<Breakdown>) {
+    fn count_request(&self, origin: Origin<'_>) -> (&Breakdown, Arc<Breakdown>, Arc<Breakdown>) {
+        let Origin {
+            surface,
+            model,
+            tenant,
+        } = origin;
+        let surface_row = self.surface_row(surface);
         let model_row = self
             .by_model
             .row(model, || model.to_owned(), || OTHER_MODELS.to_owned());
         let tenant_row = self.by_tenant.row(&tenant, || tenant, other_tenants);
-        model_row.requests.fetch_add(1, Relaxed);
-        tenant_row.requests.fetch_add(1, Relaxed);
-        (model_row, tenant_row)
+        for row in [surface_row, &model_row, &tenant_row] {
+            row.requests.fetch_add(1, Relaxed);
+        }
+        (surface_row, model_row, tenant_row)
+    }
+
+    fn surface_row(&self, surface: Surface) -> &Breakdown {
+        let slot = Surface::ALL
+            .iter()
+            .position(|s| *s == surface)
+            .expect("every surface is listed");
+        &self.by_surface[slot]
     }
 
     /// A request refused before it reached the cache (bad body, bad header).
@@ -367,14 +393,13 @@ impl Stats {
     /// minus the time this hit took.
     pub fn record_hit(
         &self,
-        model: &str,
-        tenant: TenantId,
+        origin: Origin<'_>,
         kind: HitKind,
         similarity: f32,
         usage: Usage,
         saved_latency: Duration,
     ) {
-        let (model_row, tenant_row) = self.count_request(model, tenant);
+        let (surface_row, model_row, tenant_row) = self.count_request(origin);
         match kind {
             HitKind::Exact => self.exact_hits.fetch_add(1, Relaxed),
             HitKind::Semantic => self.semantic_hits.fetch_add(1, Relaxed),
@@ -385,7 +410,7 @@ impl Stats {
         self.completion_tokens_saved
             .fetch_add(usage.completion_tokens, Relaxed);
         let tokens = usage.prompt_tokens + usage.completion_tokens;
-        let cost_pico = self.prices.price(model).map_or(0, |price| {
+        let cost_pico = self.prices.price(origin.model).map_or(0, |price| {
             let dollars = (usage.prompt_tokens as f64 * price.input
                 + usage.completion_tokens as f64 * price.output)
                 / 1e6;
@@ -394,7 +419,7 @@ impl Stats {
         self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
         self.latency_saved_micros
             .fetch_add(saved_latency.as_micros() as u64, Relaxed);
-        for row in [&model_row, &tenant_row] {
+        for row in [surface_row, &model_row, &tenant_row] {
             row.hits.fetch_add(1, Relaxed);
             row.tokens_saved.fetch_add(tokens, Relaxed);
             row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
@@ -406,13 +431,12 @@ impl Stats {
     /// `conversation` when the request was compared in its conversation.
     pub fn record_miss(
         &self,
-        model: &str,
-        tenant: TenantId,
+        origin: Origin<'_>,
         nearest: Option<f32>,
         refused: Option<Reason>,
         conversation: bool,
     ) {
-        self.count_request(model, tenant);
+        self.count_request(origin);
         self.misses.fetch_add(1, Relaxed);
         if let Some(similarity) = nearest {
             if conversation {
@@ -443,8 +467,8 @@ impl Stats {
     }
 
     /// A request forwarded without the cache (no-store, n > 1, nothing to key on, cache failure).
-    pub fn record_bypass(&self, model: &str, tenant: TenantId) {
-        self.count_request(model, tenant);
+    pub fn record_bypass(&self, origin: Origin<'_>) {
+        self.count_request(origin);
         self.bypassed.fetch_add(1, Relaxed);
     }
 
@@ -560,6 +584,11 @@ impl Stats {
                 .collect(),
             feedback_correct: self.feedback_correct.load(Relaxed),
             feedback_wrong: self.feedback_wrong.load(Relaxed),
+            by_surface: Surface::ALL
+                .iter()
+                .zip(&self.by_surface)
+                .map(|(surface, row)| (*surface, row.snapshot()))
+                .collect(),
             by_model,
             by_tenant,
             history: self.history_with_current(),
@@ -571,14 +600,26 @@ impl Stats {
 mod tests {
     use super::*;
 
+    fn origin(surface: Surface, model: &str, tenant: TenantId) -> Origin<'_> {
+        Origin {
+            surface,
+            model,
+            tenant,
+        }
+    }
+
     #[test]
     fn clients_cannot_grow_the_breakdowns_without_bound() {
         let stats = Stats::default();
         let tenant = TenantId::from_api_key("sk-one");
         for i in 0..MAX_ROWS + 100 {
-            stats.record_bypass(&format!("model-{i}"), TenantId::from_api_key(format!("sk-{i}")));
+            stats.record_bypass(origin(
+                Surface::ChatCompletions,
+                &format!("model-{i}"),
+                TenantId::from_api_key(format!("sk-{i}")),
+            ));
         }
-        stats.record_bypass("model-0", tenant);
+        stats.record_bypass(origin(Surface::ChatCompletions, "model-0", tenant));
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.by_model.len(), MAX_ROWS + 1);
         assert_eq!(snapshot.by_tenant.len(), MAX_ROWS + 1);
@@ -620,18 +661,39 @@ mod tests {
             completion_tokens: 1_000_000,
         };
         stats.record_hit(
-            "gpt-4o-mini",
-            tenant,
+            origin(Surface::ChatCompletions, "gpt-4o-mini", tenant),
             HitKind::Exact,
             1.0,
             usage,
             Duration::from_millis(900),
         );
-        stats.record_hit("local", tenant, HitKind::Semantic, 0.9, usage, Duration::ZERO);
-        stats.record_miss("gpt-4o-mini", tenant, Some(0.5), Some(Reason::Number), false);
-        stats.record_miss("gpt-4o-mini", tenant, Some(0.7), Some(Reason::Intent), true);
-        stats.record_hit("local", tenant, HitKind::Conversation, 0.9, usage, Duration::ZERO);
-        stats.record_bypass("gpt-4o-mini", tenant);
+        stats.record_hit(
+            origin(Surface::Completions, "local", tenant),
+            HitKind::Semantic,
+            0.9,
+            usage,
+            Duration::ZERO,
+        );
+        stats.record_miss(
+            origin(Surface::ChatCompletions, "gpt-4o-mini", tenant),
+            Some(0.5),
+            Some(Reason::Number),
+            false,
+        );
+        stats.record_miss(
+            origin(Surface::ChatCompletions, "gpt-4o-mini", tenant),
+            Some(0.7),
+            Some(Reason::Intent),
+            true,
+        );
+        stats.record_hit(
+            origin(Surface::ChatCompletions, "local", tenant),
+            HitKind::Conversation,
+            0.9,
+            usage,
+            Duration::ZERO,
+        );
+        stats.record_bypass(origin(Surface::ChatCompletions, "gpt-4o-mini", tenant));
         let s = stats.snapshot();
         assert_eq!((s.requests, s.hits, s.misses, s.bypassed), (6, 3, 2, 1));
         assert_eq!(
@@ -652,17 +714,32 @@ mod tests {
         assert_eq!(s.conversation_near_miss_similarity[14], 1);
         assert!(s.refusals.contains(&(Reason::Number, 1)));
         assert_eq!(s.latency_saved_ms, 900.0);
+        let surface = |wanted: Surface| {
+            let (_, row) = s
+                .by_surface
+                .iter()
+                .find(|(surface, _)| *surface == wanted)
+                .unwrap();
+            (row.requests, row.hits, row.tokens_saved)
+        };
+        assert_eq!(surface(Surface::ChatCompletions), (5, 2, 4_000_000));
+        assert_eq!(surface(Surface::Completions), (1, 1, 2_000_000));
     }
 
     #[test]
     fn history_records_per_interval_counts() {
         let stats = Stats::default();
-        stats.record_miss("m", TenantId::shared(), None, None, false);
+        stats.record_miss(
+            origin(Surface::ChatCompletions, "m", TenantId::shared()),
+            None,
+            None,
+            false,
+        );
         stats.tick();
-        stats.record_bypass("m", TenantId::shared());
-        stats.record_bypass("m", TenantId::shared());
+        stats.record_bypass(origin(Surface::ChatCompletions, "m", TenantId::shared()));
+        stats.record_bypass(origin(Surface::ChatCompletions, "m", TenantId::shared()));
         stats.tick();
-        stats.record_bypass("m", TenantId::shared());
+        stats.record_bypass(origin(Surface::ChatCompletions, "m", TenantId::shared()));
         let requests: Vec<u64> = stats.snapshot().history.iter().map(|i| i.requests).collect();
         assert_eq!(requests, vec![1, 2, 1], "closed intervals, then the open one");
     }

@@ -33,7 +33,7 @@ pub use key::{
     partition_of, CacheInput, Conversation, Digest32, ExactKey, Fingerprint, RequestKey, TenantId,
 };
 pub use lookup::{Criteria, Hit, HitKind, Lookup, Miss};
-pub use protocol::{Invalid, Protocol, Replay, StreamItem, StreamReader};
+pub use protocol::{Invalid, Protocol, Replay, StreamItem, StreamReader, Surface};
 pub use service::{CacheRequest, Controls, Outcome, Served, ServedBody, Service};
 pub use table::Eviction;
 

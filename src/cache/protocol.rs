@@ -17,10 +17,33 @@ pub struct Invalid {
     pub param: Option<String>,
 }
 
+/// The API surfaces the cache serves. An answer belongs to the surface that stored it (each
+/// fingerprints its context in a domain of its own), and each is a row of the figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    ChatCompletions,
+    Completions,
+}
+
+impl Surface {
+    pub const ALL: [Surface; 2] = [Surface::ChatCompletions, Surface::Completions];
+
+    /// Its name in `/stats`, `/metrics` and the dashboard.
+    pub fn name(self) -> &'static str {
+        match self {
+            Surface::ChatCompletions => "chat_completions",
+            Surface::Completions => "completions",
+        }
+    }
+}
+
 /// One API surface.
 pub trait Protocol: Send + Sync + 'static {
     /// A validated request.
     type Request: Send + Sync;
+
+    /// Which surface this is.
+    fn surface(&self) -> Surface;
 
     /// Reads and validates a request body.
     fn parse(&self, body: &[u8]) -> Result<Self::Request, Invalid>;

@@ -28,7 +28,7 @@ use super::protocol::{Protocol, StreamItem, StreamReader};
 use super::{Answer, Cache, Criteria, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId};
 use crate::config::ContextMode;
 use crate::embed;
-use crate::stats::Stats;
+use crate::stats::{Origin, Stats};
 use crate::upstream::{self, UpstreamReply};
 
 /// What the client asked of the cache for one request.
@@ -124,18 +124,23 @@ impl Service {
             started,
         } = request;
         let model = protocol.model(request);
+        let origin = Origin {
+            surface: protocol.surface(),
+            model,
+            tenant,
+        };
         let input = (!controls.skip_store)
             .then(|| protocol.cache_input(request))
             .flatten();
         let Some(input) = input else {
-            self.stats.record_bypass(model, tenant);
+            self.stats.record_bypass(origin);
             return self.pass_through(call, body).await;
         };
         if let Some(why) = self.cache.unavailable() {
             // A shared store that cannot be reached (or is still loading): a plain proxy,
             // whatever the request's controls, since nothing could be confirmed or kept.
             tracing::debug!(%why, "shared store unavailable; forwarding without the cache");
-            self.stats.record_bypass(model, tenant);
+            self.stats.record_bypass(origin);
             self.stats.record_cache_failure();
             return self.pass_through(call, body).await;
         }
@@ -153,7 +158,7 @@ impl Service {
         let mut refused = None;
         if !controls.skip_lookup {
             match self.cache.lookup(&ticket.key, &controls.criteria).await {
-                Ok(Lookup::Hit(hit)) => return Ok(self.hit(model, hit, started)),
+                Ok(Lookup::Hit(hit)) => return Ok(self.hit(origin, hit, started)),
                 Ok(Lookup::Miss(miss)) => {
                     ticket.embedding = miss.embedding;
                     nearest = miss.nearest;
@@ -162,7 +167,7 @@ impl Service {
                 Err(err) => {
                     // The cache failing must not fail the call: act as a plain proxy.
                     tracing::error!(error = %err, "lookup failed; forwarding without the cache");
-                    self.stats.record_bypass(model, tenant);
+                    self.stats.record_bypass(origin);
                     self.stats.record_cache_failure();
                     return self.pass_through(call, body).await;
                 }
@@ -176,7 +181,7 @@ impl Service {
                         .await
                     {
                         leader.complete(Arc::clone(&hit.entry));
-                        return Ok(self.hit(model, hit, started));
+                        return Ok(self.hit(origin, hit, started));
                     }
                     // With other nodes, the call is theirs to make if one of them already is.
                     match self.cache.lease(&ticket.key).await {
@@ -184,7 +189,7 @@ impl Service {
                         Some(Err(())) => {
                             if let Some(hit) = self.cache.await_other_node(&ticket.key).await {
                                 leader.complete(Arc::clone(&hit.entry));
-                                return Ok(self.hit(model, hit, started));
+                                return Ok(self.hit(origin, hit, started));
                             }
                         }
                         None => {}
@@ -198,7 +203,7 @@ impl Service {
                             similarity: 1.0,
                             kind: HitKind::Exact,
                         };
-                        return Ok(self.hit(model, hit, started));
+                        return Ok(self.hit(origin, hit, started));
                     }
                     // The leader got nothing storable: make our own call.
                 }
@@ -206,8 +211,7 @@ impl Service {
         }
 
         let conversation = ticket.key.context.is_some();
-        self.stats
-            .record_miss(model, tenant, nearest, refused, conversation);
+        self.stats.record_miss(origin, nearest, refused, conversation);
         let miss = InFlight {
             embedding: ticket.start_embedding(),
             ticket,
@@ -257,11 +261,13 @@ impl Service {
         })
     }
 
-    fn hit(&self, model: &str, hit: Hit, started: Instant) -> Served {
+    fn hit(&self, origin: Origin<'_>, hit: Hit, started: Instant) -> Served {
         let answer = &hit.entry.answer;
         self.stats.record_hit(
-            model,
-            hit.entry.tenant,
+            Origin {
+                tenant: hit.entry.tenant,
+                ..origin
+            },
             hit.kind,
             hit.similarity,
             answer.usage,
@@ -497,7 +503,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::cache::{CacheInput, Config, Digest32, Fingerprint, Invalid, Replay, Usage};
+    use crate::cache::{CacheInput, Config, Digest32, Fingerprint, Invalid, Replay, Surface, Usage};
     use crate::embed::testing::FirstLetter;
     use crate::stats::PriceTable;
 
@@ -513,6 +519,10 @@ mod tests {
 
     impl Protocol for Text {
         type Request = TextRequest;
+
+        fn surface(&self) -> Surface {
+            Surface::Completions
+        }
 
         fn parse(&self, body: &[u8]) -> Result<TextRequest, Invalid> {
             let text = std::str::from_utf8(body).map_err(|_| Invalid {

@@ -59,6 +59,16 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
             (model.clone(), value)
         })
         .collect();
+    let by_surface: Map<String, Value> = s
+        .by_surface
+        .iter()
+        .map(|(surface, row)| {
+            (
+                surface.name().to_owned(),
+                breakdown(row.requests, row.hits, row.tokens_saved, row.cost_saved_usd),
+            )
+        })
+        .collect();
     let by_tenant: Map<String, Value> = s
         .by_tenant
         .iter()
@@ -112,6 +122,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         },
         "verifier_refusals": s.refusals.iter().map(|(reason, count)| (reason.as_str().to_owned(), json!(count))).collect::<Map<String, Value>>(),
         "feedback": {"correct": s.feedback_correct, "wrong": s.feedback_wrong},
+        "by_surface": by_surface,
         "by_model": by_model,
         "by_tenant": by_tenant,
         "history": history,
@@ -341,6 +352,30 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
         "The live similarity threshold for conversations (semantic context mode).",
         &plain(super::rounded(context_threshold)),
     );
+    let per_surface = |pick: &dyn Fn(&crate::stats::BreakdownSnapshot) -> f64| -> Vec<(String, f64)> {
+        s.by_surface
+            .iter()
+            .map(|(surface, row)| (format!("{{surface=\"{}\"}}", surface.name()), pick(row)))
+            .collect()
+    };
+    family(
+        "semcache_surface_requests_total",
+        "counter",
+        "Requests per API surface (chat_completions, completions).",
+        &per_surface(&|row| row.requests as f64),
+    );
+    family(
+        "semcache_surface_hits_total",
+        "counter",
+        "Cache hits per API surface.",
+        &per_surface(&|row| row.hits as f64),
+    );
+    family(
+        "semcache_surface_tokens_saved_total",
+        "counter",
+        "Tokens saved per API surface.",
+        &per_surface(&|row| row.tokens_saved as f64),
+    );
     let per_model = |pick: &dyn Fn(&crate::stats::BreakdownSnapshot) -> f64| -> Vec<(String, f64)> {
         s.by_model
             .iter()
@@ -350,7 +385,7 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
     family(
         "semcache_model_requests_total",
         "counter",
-        "Chat completion requests per model.",
+        "Cached-surface requests per model.",
         &per_model(&|row| row.requests as f64),
     );
     family(

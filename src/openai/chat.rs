@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::request::ChatRequest;
 use super::sse::{self, Assembler, Parser};
-use crate::cache::{CacheInput, Invalid, Protocol, Replay, StreamItem, StreamReader, Usage};
+use crate::cache::{CacheInput, Invalid, Protocol, Replay, StreamItem, StreamReader, Surface, Usage};
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -16,6 +16,10 @@ pub struct ChatCompletions;
 
 impl Protocol for ChatCompletions {
     type Request = ChatRequest;
+
+    fn surface(&self) -> Surface {
+        Surface::ChatCompletions
+    }
 
     fn parse(&self, body: &[u8]) -> Result<ChatRequest, Invalid> {
         ChatRequest::parse(body)

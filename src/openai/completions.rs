@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use super::chat::{storable_choices, stream_error};
 use super::request::{fingerprint_in, optional_bool, stream_options, with_usage, NOT_IN_FINGERPRINT};
 use super::sse::{self, Parser};
-use crate::cache::{CacheInput, Invalid, Protocol, Replay, StreamItem, StreamReader, Usage};
+use crate::cache::{CacheInput, Invalid, Protocol, Replay, StreamItem, StreamReader, Surface, Usage};
 
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -160,6 +160,10 @@ fn prompt_of(prompt: Option<&Value>) -> Result<Option<String>, Invalid> {
 
 impl Protocol for Completions {
     type Request = CompletionRequest;
+
+    fn surface(&self) -> Surface {
+        Surface::Completions
+    }
 
     fn parse(&self, body: &[u8]) -> Result<CompletionRequest, Invalid> {
         CompletionRequest::parse(body)

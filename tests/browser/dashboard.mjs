@@ -47,7 +47,7 @@ if (!Number.isFinite(newThreshold) || newThreshold < 0 || newThreshold > 1) usag
 const consoleErrors = [];
 const failedRequests = [];
 const problems = [];
-const result = { requests: null, hits: null, threshold: null, feedback: null };
+const result = { requests: null, hits: null, threshold: null, feedback: null, surfaces: null };
 let collecting = true;
 
 const watchdog = setTimeout(() => {
@@ -120,6 +120,9 @@ try {
   result.requests = await readInt(page, '#requests');
   result.hits = await readInt(page, '#hits');
   if (result.hits === null) problems.push('#hits does not show a plain integer');
+  result.surfaces = await page.$$eval('#surfaces-table tbody tr', (rows) =>
+    rows.map((row) => Array.from(row.cells).map((cell) => cell.textContent.trim())),
+  );
   for (const id of ['tokens-saved', 'entries']) {
     if ((await readInt(page, `#${id}`)) === null) problems.push(`#${id} does not show a plain integer`);
   }
@@ -172,6 +175,7 @@ process.stdout.write(
   JSON.stringify({
     requests: result.requests,
     hits: result.hits,
+    surfaces: result.surfaces,
     threshold: result.threshold,
     feedback: result.feedback,
     console_errors: consoleErrors,

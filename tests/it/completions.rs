@@ -75,6 +75,29 @@ async fn a_reworded_prompt_is_served_as_a_text_completion() {
     assert_eq!(complete(&semcache, &longer).await.cache(), "miss");
     assert_eq!(upstream.completion_calls(), 3);
     assert_eq!(upstream.chat_calls(), 0);
+
+    // Each surface is a row of its own in the figures.
+    let stats = semcache.get_json("/stats").await;
+    let row = |surface: &str| {
+        let row = &stats["by_surface"][surface];
+        (row["requests"].as_u64(), row["hits"].as_u64())
+    };
+    assert_eq!(row("completions"), (Some(4), Some(1)), "{stats}");
+    assert_eq!(row("chat_completions"), (Some(0), Some(0)), "{stats}");
+    assert_eq!(stats["semantic_hits"], 1, "{stats}");
+    let metrics = semcache.get_text("/metrics").await;
+    assert!(
+        metrics.contains("semcache_surface_requests_total{surface=\"completions\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("semcache_surface_hits_total{surface=\"completions\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("semcache_surface_hits_total{surface=\"chat_completions\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The dashboard in a real headless Chromium (Debian's, driven by playwright-core): it loads
-//! with no console errors, shows live numbers, its threshold control changes the config, and
-//! its "Wrong" button reports an answer.
+//! with no console errors, shows live numbers (a row per surface too), its threshold control
+//! changes the config, and its "Wrong" button reports an answer.
 //! `make test` installs what it needs (`tests/browser/setup`).
 
 use std::path::PathBuf;
@@ -13,6 +13,16 @@ use crate::support::{chat_body, Semcache, TestUpstream};
 async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     let upstream = TestUpstream::start().await;
     let semcache = Semcache::start(&upstream).await;
+    // One legacy completion, first so that the newest entry stays a chat's: a row of its own
+    // under "By surface".
+    let completion = semcache
+        .http
+        .post(semcache.url("/v1/completions"))
+        .json(&serde_json::json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Say hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completion.status(), 200);
     for prompt in [
         "How do I reset my password?",
         "How can I reset my password?",
@@ -26,7 +36,7 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     let output = tokio::process::Command::new("node")
         .arg(&driver)
         .arg(format!("http://{}", semcache.addr))
-        .arg("6")
+        .arg("7")
         .arg("0.9")
         .output()
         .await
@@ -39,9 +49,20 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     );
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|err| panic!("{err}: {stdout}"));
-    assert_eq!(report["requests"], 6, "{report}");
+    assert_eq!(report["requests"], 7, "{report}");
     // The paraphrase is a hit the first time too: four hits.
     assert_eq!(report["hits"], 4, "{report}");
+    // Surface, requests, hit rate: busiest first.
+    let surfaces: Vec<Vec<String>> = serde_json::from_value(report["surfaces"].clone()).unwrap();
+    let columns: Vec<[&str; 3]> = surfaces
+        .iter()
+        .map(|row| [row[0].as_str(), row[1].as_str(), row[2].as_str()])
+        .collect();
+    assert_eq!(
+        columns,
+        [["chat_completions", "6", "67%"], ["completions", "1", "0%"]],
+        "{report}"
+    );
     assert_eq!(report["console_errors"], serde_json::json!([]));
 
     // The newest entry's "Wrong" button: that answer was only ever served word for word, so a
