@@ -5,17 +5,21 @@
 MODEL_DIR := models/all-MiniLM-L6-v2
 ARGS ?=
 
-.PHONY: run test lint bench model clean-model browser-deps redis-deps
+.PHONY: run test lint bench model clean-model browser-deps redis-deps sdk-deps
 
 run: model
 	cargo run --release -- serve $(ARGS)
 
-test: model browser-deps redis-deps
+test: model browser-deps redis-deps sdk-deps
 	cargo test --all-targets
 
 # Debian's Chromium and playwright-core, for the dashboard's browser test.
 browser-deps:
 	tests/browser/setup
+
+# The official OpenAI client for JavaScript, for the SDK conformance tests.
+sdk-deps:
+	tests/sdk/setup
 
 # Debian's redis-server, for the multi-node tests (they start their own servers).
 redis-deps:

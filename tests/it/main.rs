@@ -15,6 +15,7 @@ mod hardening;
 mod overload;
 mod proxy;
 mod quality;
+mod sdk;
 mod secrets;
 mod shutdown;
 mod store;
