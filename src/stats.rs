@@ -54,6 +54,10 @@ const DEFAULT_PRICES: &[(&str, f64, f64)] = &[
     ("o3-mini", 1.10, 4.40),
     ("o3", 2.00, 8.00),
     ("o4-mini", 1.10, 4.40),
+    ("gpt-3.5-turbo-instruct", 1.50, 2.00),
+    ("text-embedding-3-small", 0.02, 0.0),
+    ("text-embedding-3-large", 0.13, 0.0),
+    ("text-embedding-ada-002", 0.10, 0.0),
 ];
 
 #[derive(Debug, Clone)]
@@ -410,12 +414,7 @@ impl Stats {
         self.completion_tokens_saved
             .fetch_add(usage.completion_tokens, Relaxed);
         let tokens = usage.prompt_tokens + usage.completion_tokens;
-        let cost_pico = self.prices.price(origin.model).map_or(0, |price| {
-            let dollars = (usage.prompt_tokens as f64 * price.input
-                + usage.completion_tokens as f64 * price.output)
-                / 1e6;
-            (dollars * PICO).round() as u64
-        });
+        let cost_pico = self.cost_pico(origin.model, usage);
         self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
         self.latency_saved_micros
             .fetch_add(saved_latency.as_micros() as u64, Relaxed);
@@ -424,6 +423,42 @@ impl Stats {
             row.tokens_saved.fetch_add(tokens, Relaxed);
             row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
         }
+    }
+
+    /// Tokens (and their cost) a request saved without being a hit: the cached items of a
+    /// batch that went upstream for the others.
+    pub fn record_saved(&self, origin: Origin<'_>, usage: Usage) {
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
+        if tokens == 0 {
+            return;
+        }
+        let cost_pico = self.cost_pico(origin.model, usage);
+        self.prompt_tokens_saved.fetch_add(usage.prompt_tokens, Relaxed);
+        self.completion_tokens_saved
+            .fetch_add(usage.completion_tokens, Relaxed);
+        self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        let surface_row = self.surface_row(origin.surface);
+        let model_row = self.by_model.row(
+            origin.model,
+            || origin.model.to_owned(),
+            || OTHER_MODELS.to_owned(),
+        );
+        let tenant_row = self
+            .by_tenant
+            .row(&origin.tenant, || origin.tenant, other_tenants);
+        for row in [surface_row, &model_row, &tenant_row] {
+            row.tokens_saved.fetch_add(tokens, Relaxed);
+            row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        }
+    }
+
+    fn cost_pico(&self, model: &str, usage: Usage) -> u64 {
+        self.prices.price(model).map_or(0, |price| {
+            let dollars = (usage.prompt_tokens as f64 * price.input
+                + usage.completion_tokens as f64 * price.output)
+                / 1e6;
+            (dollars * PICO).round() as u64
+        })
     }
 
     /// A request that went to the upstream after a lookup; `nearest` is the best candidate

@@ -12,6 +12,7 @@
 mod entry;
 mod feedback;
 mod flight;
+mod items;
 mod key;
 mod lookup;
 mod persist;
@@ -29,6 +30,7 @@ use rand::Rng;
 pub use entry::{expiry, Answer, Entry, Usage, MAX_TTL};
 pub use feedback::Feedback;
 pub use flight::{Flight, FlightOutcome, Join};
+pub use items::{ItemsProtocol, ItemsRequest, ItemsServed};
 pub use key::{
     partition_of, CacheInput, Conversation, Digest32, ExactKey, Fingerprint, RequestKey, TenantId,
 };

@@ -23,16 +23,23 @@ pub struct Invalid {
 pub enum Surface {
     ChatCompletions,
     Completions,
+    /// Matched item by item, word for word only (`cache::ItemsProtocol`).
+    Embeddings,
 }
 
 impl Surface {
-    pub const ALL: [Surface; 2] = [Surface::ChatCompletions, Surface::Completions];
+    pub const ALL: [Surface; 3] = [
+        Surface::ChatCompletions,
+        Surface::Completions,
+        Surface::Embeddings,
+    ];
 
     /// Its name in `/stats`, `/metrics` and the dashboard.
     pub fn name(self) -> &'static str {
         match self {
             Surface::ChatCompletions => "chat_completions",
             Surface::Completions => "completions",
+            Surface::Embeddings => "embeddings",
         }
     }
 }

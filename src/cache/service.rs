@@ -91,8 +91,8 @@ pub enum ServedBody {
 
 /// The caching core: the cache, and the figures it keeps.
 pub struct Service {
-    cache: Arc<Cache>,
-    stats: Arc<Stats>,
+    pub(super) cache: Arc<Cache>,
+    pub(super) stats: Arc<Stats>,
 }
 
 impl Service {
@@ -277,7 +277,7 @@ impl Service {
     }
 
     /// Sends a body upstream, counting the call and its failure.
-    async fn call<C, F>(&self, call: C, body: Bytes) -> Result<UpstreamReply, upstream::Error>
+    pub(super) async fn call<C, F>(&self, call: C, body: Bytes) -> Result<UpstreamReply, upstream::Error>
     where
         C: FnOnce(Bytes) -> F,
         F: Future<Output = Result<UpstreamReply, upstream::Error>>,

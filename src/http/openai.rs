@@ -1,5 +1,5 @@
-//! The OpenAI-compatible routes: cached chat completions and legacy completions, and plain
-//! forwarding of the rest.
+//! The OpenAI-compatible routes: cached chat completions, legacy completions and embeddings,
+//! and plain forwarding of the rest.
 //!
 //! Each cached surface is converted here and nothing more: wire format and headers to a
 //! [`CacheRequest`], and the core's [`Served`] back to a response. The flow itself (lookup,
@@ -22,8 +22,10 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use super::AppState;
 use crate::cache::{
-    CacheRequest, Controls, Criteria, Feedback, Outcome, Protocol, Replay, Served, ServedBody,
+    CacheRequest, Controls, Criteria, Feedback, ItemsRequest, ItemsServed, Outcome, Protocol, Replay, Served,
+    ServedBody,
 };
+use crate::openai::embeddings::{self, Embeddings, EmbeddingsRequest};
 use crate::openai::{ChatCompletions, Completions};
 use crate::settings::Settings;
 use crate::upstream::FORWARDED_RESPONSE_HEADERS;
@@ -32,6 +34,7 @@ const X_SEMCACHE: HeaderName = HeaderName::from_static("x-semcache");
 const X_SIMILARITY: HeaderName = HeaderName::from_static("x-semcache-similarity");
 const X_ENTRY: HeaderName = HeaderName::from_static("x-semcache-entry");
 const X_THRESHOLD: &str = "x-semcache-threshold";
+const X_CACHED_ITEMS: HeaderName = HeaderName::from_static("x-semcache-cached-items");
 /// Answers belong to one tenant: no shared HTTP cache in front of semcache may keep them.
 const PRIVATE: HeaderValue = HeaderValue::from_static("private");
 const PRIVATE_STREAM: &str = "private, no-cache";
@@ -137,6 +140,83 @@ pub async fn completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     cached(&Completions, state, headers, body).await
+}
+
+/// `POST /v1/embeddings`: each text of the input cached on its own, word for word; a batch
+/// partly cached sends only the rest upstream, and `usage` counts only what was sent.
+/// `x-semcache` is `hit` when every item came from the cache, and `x-semcache-cached-items`
+/// says how many did.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let prepared = async {
+        let tenant = tenant_of(state.scope, &headers)?;
+        let bytes = read_body(body, state.body_limits.max_bytes).await?;
+        let request = EmbeddingsRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
+        let controls = controls_from_headers(&headers, &state.settings.load())?;
+        Ok::<_, ApiError>((tenant, bytes, request, controls))
+    };
+    let (tenant, bytes, request, controls) = match prepared.await {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            state.stats.record_rejected();
+            return Err(err);
+        }
+    };
+    let upstream = Arc::clone(&state.upstream);
+    let call = |body| async move { upstream.post_json("/embeddings", &headers, body).await };
+    let served = match request.items() {
+        None => {
+            state
+                .service
+                .forward_items(&request.model, tenant, call, bytes)
+                .await?
+        }
+        Some(items) => {
+            let items_request = ItemsRequest {
+                tenant,
+                fingerprint: request.fingerprint(),
+                items,
+                model: &request.model,
+                controls,
+                started,
+            };
+            state
+                .service
+                .answer_items(&Embeddings(&request), items_request, call)
+                .await?
+        }
+    };
+    Ok(match served {
+        ItemsServed::Answers { items, cached, sent } => {
+            let (model, prompt_tokens) = match &sent {
+                Some((model, usage)) if !model.is_empty() => (model.as_str(), usage.prompt_tokens),
+                Some((_, usage)) => (request.model.as_str(), usage.prompt_tokens),
+                None => (request.model.as_str(), 0),
+            };
+            let mut response = Response::new(Body::from(embeddings::list(model, &items, prompt_tokens)));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(CACHE_CONTROL, PRIVATE);
+            let outcome = if sent.is_none() {
+                Outcome::Hit
+            } else {
+                Outcome::Miss
+            };
+            headers.insert(X_SEMCACHE, outcome_header(outcome));
+            headers.insert(X_CACHED_ITEMS, HeaderValue::from(cached));
+            response
+        }
+        ItemsServed::Relayed {
+            outcome,
+            status,
+            headers,
+            body,
+        } => passthrough_response(status, &headers, Body::from(body), outcome),
+    })
 }
 
 /// One request to a cached surface: read and validated here, answered by the core.

@@ -1,8 +1,9 @@
-//! OpenAI wire formats (chat completions, legacy completions): what the cache needs from
-//! requests, and streamed responses.
+//! OpenAI wire formats (chat completions, legacy completions, embeddings): what the cache needs
+//! from requests, and streamed responses.
 
 mod chat;
 mod completions;
+pub mod embeddings;
 pub mod request;
 pub mod sse;
 

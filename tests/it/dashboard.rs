@@ -60,7 +60,11 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
         .collect();
     assert_eq!(
         columns,
-        [["chat_completions", "6", "67%"], ["completions", "1", "0%"]],
+        [
+            ["chat_completions", "6", "67%"],
+            ["completions", "1", "0%"],
+            ["embeddings", "0", "–"]
+        ],
         "{report}"
     );
     assert_eq!(report["console_errors"], serde_json::json!([]));

@@ -7,6 +7,7 @@ mod conversations;
 mod crash;
 mod dashboard;
 mod embedding;
+mod embeddings_api;
 mod eval;
 mod faults;
 mod fingerprint;

@@ -1,7 +1,8 @@
 //! Conformance with the official OpenAI client for JavaScript (`openai` on npm, pinned in
 //! tests/sdk/package-lock.json; `make test` installs it with `tests/sdk/setup`): chat
 //! completions and legacy completions, streamed and not, each a miss and then a hit on a
-//! reworded prompt, whose parsed result (text, role, finish reason, usage) equals the miss's.
+//! reworded prompt, whose parsed result (text, role, finish reason, usage) equals the miss's;
+//! embeddings, as the client asks for them (base64), a batch partly cached.
 
 use std::path::PathBuf;
 
@@ -59,4 +60,30 @@ async fn the_official_openai_client_reads_hits_as_it_reads_misses() {
         );
     }
     assert_eq!((upstream.chat_calls(), upstream.completion_calls()), (2, 2));
+
+    // Embeddings, as the client asks for them (base64, decoded by the client): the second
+    // batch repeats two texts of the first, which come from the cache, and adds one.
+    let calls = report["embeddings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("embeddings: {}", report["embeddings"]));
+    let (first, second) = (&calls[0], &calls[1]);
+    assert_eq!(
+        (first["cached_items"].as_str(), second["cached_items"].as_str()),
+        (Some("0"), Some("2")),
+        "{report}"
+    );
+    let vectors = |call: &Value, n: usize| call["vectors"][n].clone();
+    assert_eq!(vectors(first, 0).as_array().map(Vec::len), Some(3), "{first}");
+    assert_eq!(vectors(second, 0), vectors(first, 1), "{report}");
+    assert_eq!(vectors(second, 2), vectors(first, 0), "{report}");
+    assert_eq!(
+        vectors(second, 1),
+        serde_json::json!([10, 2, 0.5]),
+        "the one text sent: {report}"
+    );
+    assert_eq!(
+        second["usage"]["prompt_tokens"], 2,
+        "only what was sent: {report}"
+    );
+    assert_eq!(upstream.embedding_inputs().len(), 2);
 }

@@ -42,6 +42,8 @@ pub enum Mode {
 struct UpstreamState {
     chat_calls: AtomicUsize,
     completion_calls: AtomicUsize,
+    /// The `input` of every call to `/v1/embeddings`, in order.
+    embedding_inputs: Mutex<Vec<Value>>,
     other_calls: AtomicUsize,
     mode: Mutex<Option<Mode>>,
     delay: Mutex<Duration>,
@@ -61,6 +63,7 @@ impl TestUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completion))
+            .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .fallback(stray)
             .with_state(Arc::clone(&state));
@@ -81,6 +84,11 @@ impl TestUpstream {
     /// Calls to `/v1/completions` (legacy completions).
     pub fn completion_calls(&self) -> usize {
         self.state.completion_calls.load(Ordering::SeqCst)
+    }
+
+    /// The `input` of every call to `/v1/embeddings`, in order.
+    pub fn embedding_inputs(&self) -> Vec<Value> {
+        self.state.embedding_inputs.lock().clone()
     }
 
     pub fn other_calls(&self) -> usize {
@@ -262,6 +270,52 @@ async fn completion(State(state): State<Arc<UpstreamState>>, Json(body): Json<Va
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
         .unwrap()
+}
+
+/// Embeddings: each text's vector is [its length, the call's number, its place in the call],
+/// so that a test can tell which call made it, as floats or base64 as asked; usage counts one
+/// token per word.
+async fn embeddings(State(state): State<Arc<UpstreamState>>, Json(body): Json<Value>) -> Response {
+    let call = {
+        let mut inputs = state.embedding_inputs.lock();
+        inputs.push(body["input"].clone());
+        inputs.len()
+    };
+    if let Some(Mode::Status(code)) = *state.mode.lock() {
+        let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
+        return (StatusCode::from_u16(code).unwrap(), Json(error)).into_response();
+    }
+    let texts: Vec<String> = match &body["input"] {
+        Value::String(text) => vec![text.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|item| item.as_str().map_or_else(|| item.to_string(), str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let base64 = body["encoding_format"] == "base64";
+    let data: Vec<Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let vector = [text.len() as f32, call as f32, i as f32 + 0.5];
+            // As the API sends it: the little-endian f32s, base64-encoded.
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: usize = texts.iter().map(|text| text.split_whitespace().count()).sum();
+    Json(
+        json!({"object": "list", "data": data, "model": "text-embedding-3-small",
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+    )
+    .into_response()
 }
 
 async fn stray(

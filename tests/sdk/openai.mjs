@@ -1,5 +1,6 @@
 // Drives semcache with the official OpenAI client for JavaScript: for each surface, a miss and
-// then a hit (a reworded prompt), streamed and not, each read the way applications read them.
+// then a hit (a reworded prompt), streamed and not, each read the way applications read them;
+// for embeddings, a batch and then a batch partly cached.
 // Prints one JSON line: per case, the `x-semcache` header of both calls and what the client
 // parsed of each (text, finish reason, usage, id). tests/it/sdk.rs checks it.
 //
@@ -98,6 +99,19 @@ async function completionStream(prompt) {
   return { cache: response.headers.get('x-semcache'), id, text, finish_reason: finish, usage };
 }
 
+async function embeddings(texts) {
+  const { data, response } = await client.embeddings
+    .create({ model: 'text-embedding-3-small', input: texts })
+    .withResponse();
+  return {
+    cache: response.headers.get('x-semcache'),
+    cached_items: response.headers.get('x-semcache-cached-items'),
+    object: data.object,
+    vectors: data.data.map((item) => Array.from(item.embedding)),
+    usage: data.usage,
+  };
+}
+
 const password = ['How do I reset my password?', 'How can I reset my password?'];
 const sunday = ['What are your opening hours on Sunday?', 'When are you open on Sundays?'];
 const cases = {
@@ -106,6 +120,8 @@ const cases = {
   // The same prompts on the legacy surface: answers are kept apart per surface.
   completions: [completion, password],
   completions_stream: [completionStream, sunday],
+  // A batch, then the same batch with one more text: the second is partly cached.
+  embeddings: [embeddings, [['first text', 'second text'], ['second text', 'third text', 'first text']]],
 };
 
 const report = {};
