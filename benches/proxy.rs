@@ -2,8 +2,9 @@
 //! embedding, batches of 8 and 32 (per prompt), 32 concurrent clients through the dynamic
 //! batcher against the same 32 prompts one at a time; then, through HTTP on each backend, an
 //! exact and a semantic hit against a bare axum handler returning the same bytes, and a miss
-//! against the same request sent straight to the test model (20 ms): all in one run, so they
-//! can be compared as ratios.
+//! against the same request sent straight to the test model (20 ms), and an embeddings batch of
+//! 32 with half its texts cached against the same batch sent straight to the test model: all in
+//! one run, so they can be compared as ratios.
 //!
 //! `make bench` (or `cargo bench --bench proxy`; `-- onnx` or `-- candle` for one backend's
 //! figures); needs the model (`make model`).
@@ -71,6 +72,17 @@ fn completion() -> Value {
                      "logprobs": null, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32}
     })
+}
+
+/// The upstream's embeddings of a request's input: 1,536 floats a text, as the small OpenAI
+/// model's.
+fn embeddings_list(body: &Value) -> Value {
+    let texts = body["input"].as_array().map_or(1, Vec::len);
+    let data: Vec<Value> = (0..texts)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": vec![0.012_345_678_f32; 1536]}))
+        .collect();
+    json!({"object": "list", "data": data, "model": "text-embedding-3-small",
+           "usage": {"prompt_tokens": 8 * texts, "total_tokens": 8 * texts}})
 }
 
 fn request(prompt: &str) -> Value {
@@ -192,13 +204,23 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
     let _ = std::fs::remove_dir_all(&data_dir);
     let (semcache, bare, upstream) = runtime.block_on(async {
         // The model answers after a fixed delay, as a real one would (faster, to keep the run short).
-        let upstream = serve(Router::new().route(
-            "/v1/chat/completions",
-            post(|| async {
-                tokio::time::sleep(UPSTREAM_DELAY).await;
-                Json(completion())
-            }),
-        ))
+        let upstream = serve(
+            Router::new()
+                .route(
+                    "/v1/chat/completions",
+                    post(|| async {
+                        tokio::time::sleep(UPSTREAM_DELAY).await;
+                        Json(completion())
+                    }),
+                )
+                .route(
+                    "/v1/embeddings",
+                    post(|Json(body): Json<Value>| async move {
+                        tokio::time::sleep(UPSTREAM_DELAY).await;
+                        Json(embeddings_list(&body))
+                    }),
+                ),
+        )
         .await;
         let bare =
             serve(Router::new().route("/v1/chat/completions", post(|| async { Json(completion()) }))).await;
@@ -310,6 +332,50 @@ fn bench_backend(c: &mut Criterion, name: &str, embedder: Arc<dyn Embedder>) {
         b.iter(|| assert_eq!(post(semcache, &new_context()).as_deref(), Some("miss")))
     });
     misses.finish();
+
+    // Embeddings: a batch of 32 texts, half of them cached (the upstream embeds the other 16),
+    // against the same batch sent straight to the upstream.
+    let post_embeddings = |addr: SocketAddr, body: &Value| {
+        runtime.block_on(async {
+            let response = client
+                .post(format!("http://{addr}/v1/embeddings"))
+                .bearer_auth("sk-bench")
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            let cached = response
+                .headers()
+                .get("x-semcache-cached-items")
+                .map(|v| v.to_str().unwrap().to_owned());
+            response.bytes().await.unwrap();
+            cached
+        })
+    };
+    let mut round = 0;
+    let mut half_cached = || {
+        round += 1;
+        let texts: Vec<String> = (0..32)
+            .map(|i| {
+                if i % 2 == 0 {
+                    format!("A cached support article, part {i}.")
+                } else {
+                    format!("A new support article {round}, part {i}.")
+                }
+            })
+            .collect();
+        json!({"model": "text-embedding-3-small", "input": texts})
+    };
+    post_embeddings(semcache, &half_cached());
+    let mut batches = c.benchmark_group(format!("{name}/http/embeddings_batch_32"));
+    batches.sample_size(30);
+    batches.bench_function("upstream_direct", |b| {
+        b.iter(|| post_embeddings(upstream, &half_cached()))
+    });
+    batches.bench_function("half_cached", |b| {
+        b.iter(|| assert_eq!(post_embeddings(semcache, &half_cached()).as_deref(), Some("16")))
+    });
+    batches.finish();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 

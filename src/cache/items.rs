@@ -168,7 +168,8 @@ impl Service {
         };
         let latency = upstream_started.elapsed();
         let lengths: Vec<usize> = sent.iter().map(|text| text.len()).collect();
-        for (n, (text, answer)) in sent.iter().zip(&answers).enumerate() {
+        // All at once: the store commits them together (one sync for the batch, not one each).
+        let inserts = sent.iter().zip(&answers).enumerate().map(|(n, (text, answer))| {
             let at = all
                 .iter()
                 .position(|item| item == text)
@@ -182,8 +183,9 @@ impl Service {
                 },
                 upstream_latency: latency,
             };
-            self.cache.insert(&keys[at], None, answer, controls.ttl).await;
-        }
+            self.cache.insert(&keys[at], None, answer, controls.ttl)
+        });
+        futures::future::join_all(inserts).await;
         let items = all
             .iter()
             .zip(found)

@@ -3,6 +3,8 @@
 //! `cache::Service::answer_items`): an embedding of other words is another embedding.
 
 use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::request::{fingerprint_in, NOT_IN_FINGERPRINT};
@@ -134,62 +136,75 @@ impl ItemsProtocol for Embeddings<'_> {
     }
 }
 
-/// An upstream list of `sent` embeddings, split: each item's `embedding` value (as JSON), in the
-/// order sent, the model that made them, and the usage. `None` when the reply is not such a
-/// list (it is then relayed, not stored).
+/// An upstream list of `sent` embeddings, split: each item's `embedding` value (its JSON as it
+/// came: the numbers are not read, only passed on), in the order sent, the model that made
+/// them, and the usage. `None` when the reply is not such a list (it is then relayed, not
+/// stored).
 pub fn split_reply(reply: &[u8], sent: usize) -> Option<(Vec<Bytes>, String, Usage)> {
-    let reply: Value = serde_json::from_slice(reply).ok()?;
-    let data = reply.get("data")?.as_array()?;
-    if data.len() != sent {
+    #[derive(Deserialize)]
+    struct List<'a> {
+        #[serde(borrow)]
+        data: Vec<Item<'a>>,
+        #[serde(default)]
+        model: String,
+        usage: Option<ListUsage>,
+    }
+    #[derive(Deserialize)]
+    struct Item<'a> {
+        index: Option<usize>,
+        #[serde(borrow)]
+        embedding: &'a RawValue,
+    }
+    #[derive(Deserialize)]
+    struct ListUsage {
+        #[serde(default)]
+        prompt_tokens: u64,
+    }
+    let list: List = serde_json::from_slice(reply).ok()?;
+    if list.data.len() != sent {
         return None;
     }
     let mut items: Vec<Option<Bytes>> = vec![None; sent];
-    for (position, item) in data.iter().enumerate() {
-        let index = item
-            .get("index")
-            .and_then(Value::as_u64)
-            .map_or(position, |i| i as usize);
-        let embedding = item.get("embedding").filter(|e| e.is_array() || e.is_string())?;
-        let slot = items.get_mut(index)?;
+    for (position, item) in list.data.iter().enumerate() {
+        let embedding = item.embedding.get();
+        // A list of numbers, or the base64 string of them.
+        if !embedding.starts_with(['[', '"']) {
+            return None;
+        }
+        let slot = items.get_mut(item.index.unwrap_or(position))?;
         if slot.is_some() {
             return None;
         }
-        *slot = Some(Bytes::from(serde_json::to_vec(embedding).ok()?));
+        *slot = Some(Bytes::copy_from_slice(embedding.as_bytes()));
     }
-    let prompt_tokens = reply
-        .pointer("/usage/prompt_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let model = reply
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
     let usage = Usage {
-        prompt_tokens,
+        prompt_tokens: list.usage.map_or(0, |usage| usage.prompt_tokens),
         completion_tokens: 0,
     };
-    Some((items.into_iter().collect::<Option<Vec<_>>>()?, model, usage))
+    Some((items.into_iter().collect::<Option<Vec<_>>>()?, list.model, usage))
 }
 
-/// The list the client gets: every item's embedding in order, the usage of what was sent
-/// upstream for this request only.
+/// The list the client gets: every item's embedding in order (each stored as the JSON it came
+/// as, written out as it is), the usage of what was sent upstream for this request only.
 pub fn list(model: &str, embeddings: &[Bytes], prompt_tokens: u64) -> Bytes {
-    let data: Vec<Value> = embeddings
-        .iter()
-        .enumerate()
-        .map(|(index, embedding)| {
-            let embedding: Value = serde_json::from_slice(embedding).unwrap_or(Value::Null);
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    });
-    Bytes::from(serde_json::to_vec(&body).expect("a JSON value serialises"))
+    let size: usize = embeddings.iter().map(|e| e.len() + 48).sum();
+    let mut out = Vec::with_capacity(size + 128);
+    out.extend_from_slice(br#"{"object":"list","data":["#);
+    for (index, embedding) in embeddings.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!(r#"{{"object":"embedding","index":{index},"embedding":"#).as_bytes());
+        out.extend_from_slice(embedding);
+        out.push(b'}');
+    }
+    out.extend_from_slice(br#"],"model":"#);
+    serde_json::to_writer(&mut out, model).expect("a string serialises");
+    out.extend_from_slice(
+        format!(r#","usage":{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens}}}}}"#)
+            .as_bytes(),
+    );
+    Bytes::from(out)
 }
 
 #[cfg(test)]
@@ -266,10 +281,19 @@ mod tests {
                      {"object": "embedding", "index": 0, "embedding": [0.25, -1.0]}]});
         let bytes = serde_json::to_vec(&reply).unwrap();
         let (items, model, usage) = split_reply(&bytes, 2).unwrap();
-        assert_eq!(items, [Bytes::from("[0.25,-1.0]"), Bytes::from("[0.5]")]);
+        assert_eq!(
+            items,
+            [Bytes::from("[0.25,-1.0]"), Bytes::from("[0.5]")],
+            "as they came"
+        );
         assert_eq!((model.as_str(), usage.prompt_tokens), ("e-1", 7));
         assert!(split_reply(&bytes, 3).is_none());
         assert!(split_reply(b"{\"error\": {}}", 1).is_none());
+        let numbers = serde_json::to_vec(&json!({"data": [{"index": 0, "embedding": 5}]})).unwrap();
+        assert!(
+            split_reply(&numbers, 1).is_none(),
+            "an embedding is a list or a string"
+        );
         let listed: Value = serde_json::from_slice(&list("e-1", &items, 0)).unwrap();
         assert_eq!(listed["data"][1]["embedding"], json!([0.5]));
         assert_eq!(listed["data"][1]["index"], 1);
