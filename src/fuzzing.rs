@@ -1,13 +1,20 @@
 //! What the fuzz targets in `fuzz/` run, and `make test` replays over their corpus: each
 //! function takes any bytes, must never panic, and asserts the round trips that must hold.
 
+use bytes::Bytes;
+
+use crate::cache::Protocol;
+use crate::openai::embeddings::EmbeddingsRequest;
 use crate::openai::request::ChatRequest;
 use crate::openai::sse::{self, Assembler, Parser};
+use crate::openai::{CompletionRequest, Completions};
 use crate::store::Record;
 
-/// A request body: parsing and fingerprinting are deterministic, and the body semcache sends
-/// upstream is a valid request with the same cache key.
+/// A request body, read by each surface: parsing and fingerprinting are deterministic, and the
+/// body semcache sends upstream is a valid request with the same cache key.
 pub fn request(bytes: &[u8]) {
+    completion_request(bytes);
+    embeddings_request(bytes);
     let Ok(request) = ChatRequest::parse(bytes) else {
         return;
     };
@@ -16,6 +23,41 @@ pub fn request(bytes: &[u8]) {
     assert_eq!(input, again, "fingerprinting is deterministic");
     let upstream = ChatRequest::parse(&request.body_with_usage()).expect("the upstream body parses");
     assert_eq!(upstream.cache_input(), input, "asking for usage changes no key");
+}
+
+fn completion_request(bytes: &[u8]) {
+    let Ok(request) = CompletionRequest::parse(bytes) else {
+        return;
+    };
+    let input = request.cache_input();
+    assert_eq!(
+        CompletionRequest::parse(bytes)
+            .expect("it parsed once")
+            .cache_input(),
+        input,
+        "fingerprinting is deterministic"
+    );
+    let upstream = Completions.miss_body(&request, Bytes::copy_from_slice(bytes));
+    let upstream = CompletionRequest::parse(&upstream).expect("the upstream body parses");
+    assert_eq!(upstream.cache_input(), input, "asking for usage changes no key");
+}
+
+fn embeddings_request(bytes: &[u8]) {
+    let Ok(request) = EmbeddingsRequest::parse(bytes) else {
+        return;
+    };
+    let Some(items) = request.items() else {
+        return;
+    };
+    let texts: Vec<&str> = items.iter().map(String::as_str).collect();
+    let upstream =
+        EmbeddingsRequest::parse(&request.upstream_body(&texts)).expect("the upstream body parses");
+    assert_eq!(
+        upstream.fingerprint(),
+        request.fingerprint(),
+        "the input is not context"
+    );
+    assert_eq!(upstream.items(), request.items());
 }
 
 /// A stream from the upstream, cut into pieces of any size: the parser and assembler never
