@@ -15,7 +15,10 @@ use rand::Rng;
 use serde_json::{json, Map, Value};
 
 use super::chat::{storable_choices, stream_error};
-use super::request::{fingerprint_in, optional_bool, stream_options, with_usage, NOT_IN_FINGERPRINT};
+use super::request::{
+    fingerprint_in, invalid, model_of, numbers_and_integers, object_of, optional_bool, stop_of,
+    stream_options, with_usage, NOT_IN_FINGERPRINT,
+};
 use super::sse::{self, Parser};
 use crate::cache::{CacheInput, Invalid, Protocol, Replay, StreamItem, StreamReader, Surface, Usage};
 
@@ -37,30 +40,10 @@ pub struct CompletionRequest {
     single: bool,
 }
 
-fn invalid(message: impl Into<String>, param: &str) -> Invalid {
-    Invalid {
-        message: message.into(),
-        param: Some(param.to_owned()),
-    }
-}
-
 impl CompletionRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, Invalid> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|err| Invalid {
-            message: format!("We could not parse the JSON body of your request: {err}"),
-            param: None,
-        })?;
-        let Value::Object(body) = value else {
-            return Err(Invalid {
-                message: "The request body must be a JSON object.".to_owned(),
-                param: None,
-            });
-        };
-        let model = match body.get("model") {
-            Some(Value::String(model)) if !model.is_empty() => model.clone(),
-            Some(_) => return Err(invalid("'model' must be a non-empty string.", "model")),
-            None => return Err(invalid("you must provide a model parameter", "model")),
-        };
+        let body = object_of(bytes)?;
+        let model = model_of(&body)?;
         let prompt = prompt_of(body.get("prompt"))?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);
         let include_usage = stream_options(&body)?;
@@ -76,24 +59,12 @@ impl CompletionRequest {
         };
         let (n, best_of) = (count("n")?, count("best_of")?);
         let echo = optional_bool(&body, "echo")?.unwrap_or(false);
-        for field in ["temperature", "top_p", "presence_penalty", "frequency_penalty"] {
-            if !matches!(body.get(field), None | Some(Value::Null) | Some(Value::Number(_))) {
-                return Err(invalid(format!("'{field}' must be a number."), field));
-            }
-        }
-        for field in ["max_tokens", "seed", "logprobs"] {
-            if !matches!(body.get(field), None | Some(Value::Null))
-                && body.get(field).and_then(Value::as_i64).is_none()
-            {
-                return Err(invalid(format!("'{field}' must be an integer."), field));
-            }
-        }
-        if !matches!(
-            body.get("stop"),
-            None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_))
-        ) {
-            return Err(invalid("'stop' must be a string or an array of strings.", "stop"));
-        }
+        numbers_and_integers(
+            &body,
+            &["temperature", "top_p", "presence_penalty", "frequency_penalty"],
+            &["max_tokens", "seed", "logprobs"],
+        )?;
+        stop_of(&body)?;
         if !matches!(
             body.get("suffix"),
             None | Some(Value::Null) | Some(Value::String(_))

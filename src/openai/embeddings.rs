@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::request::{fingerprint_in, NOT_IN_FINGERPRINT};
+use super::request::{fingerprint_in, invalid, model_of, object_of, NOT_IN_FINGERPRINT};
 use crate::cache::{Fingerprint, Invalid, ItemsProtocol, Usage};
 
 /// A validated `POST /embeddings` body.
@@ -20,30 +20,10 @@ pub struct EmbeddingsRequest {
     items: Option<Vec<String>>,
 }
 
-fn invalid(message: impl Into<String>, param: &str) -> Invalid {
-    Invalid {
-        message: message.into(),
-        param: Some(param.to_owned()),
-    }
-}
-
 impl EmbeddingsRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, Invalid> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|err| Invalid {
-            message: format!("We could not parse the JSON body of your request: {err}"),
-            param: None,
-        })?;
-        let Value::Object(body) = value else {
-            return Err(Invalid {
-                message: "The request body must be a JSON object.".to_owned(),
-                param: None,
-            });
-        };
-        let model = match body.get("model") {
-            Some(Value::String(model)) if !model.is_empty() => model.clone(),
-            Some(_) => return Err(invalid("'model' must be a non-empty string.", "model")),
-            None => return Err(invalid("you must provide a model parameter", "model")),
-        };
+        let body = object_of(bytes)?;
+        let model = model_of(&body)?;
         let wrong = || {
             invalid(
                 "'input' must be a string, an array of strings, an array of token ids or an array of arrays of token ids, and not empty.",

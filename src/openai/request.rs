@@ -16,10 +16,70 @@ pub(super) const NOT_IN_FINGERPRINT: &[&str] = &[
     "service_tier",
 ];
 
-fn invalid(message: impl Into<String>, param: impl Into<String>) -> Invalid {
+pub(super) fn invalid(message: impl Into<String>, param: impl Into<String>) -> Invalid {
     Invalid {
         message: message.into(),
         param: Some(param.into()),
+    }
+}
+
+/// A request body as a JSON object, in OpenAI's words when it is not one.
+pub(super) fn object_of(bytes: &[u8]) -> Result<Map<String, Value>, Invalid> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|err| Invalid {
+        message: format!("We could not parse the JSON body of your request: {err}"),
+        param: None,
+    })?;
+    match value {
+        Value::Object(body) => Ok(body),
+        _ => Err(Invalid {
+            message: "The request body must be a JSON object.".to_owned(),
+            param: None,
+        }),
+    }
+}
+
+/// The `model` every surface asks for.
+pub(super) fn model_of(body: &Map<String, Value>) -> Result<String, Invalid> {
+    match body.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => Ok(model.clone()),
+        Some(_) => Err(invalid("'model' must be a non-empty string.", "model")),
+        None => Err(invalid("you must provide a model parameter", "model")),
+    }
+}
+
+/// Fields that must be numbers, and fields that must be integers, when present.
+pub(super) fn numbers_and_integers(
+    body: &Map<String, Value>,
+    numbers: &[&str],
+    integers: &[&str],
+) -> Result<(), Invalid> {
+    for field in numbers {
+        if !matches!(
+            body.get(*field),
+            None | Some(Value::Null) | Some(Value::Number(_))
+        ) {
+            return Err(invalid(format!("'{field}' must be a number."), *field));
+        }
+    }
+    for field in integers {
+        if !matches!(body.get(*field), None | Some(Value::Null))
+            && body.get(*field).and_then(Value::as_i64).is_none()
+        {
+            return Err(invalid(format!("'{field}' must be an integer."), *field));
+        }
+    }
+    Ok(())
+}
+
+/// `stop`, when present: a string or an array of strings.
+pub(super) fn stop_of(body: &Map<String, Value>) -> Result<(), Invalid> {
+    if matches!(
+        body.get("stop"),
+        None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_))
+    ) {
+        Ok(())
+    } else {
+        Err(invalid("'stop' must be a string or an array of strings.", "stop"))
     }
 }
 
@@ -37,22 +97,8 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, Invalid> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|err| Invalid {
-            message: format!("We could not parse the JSON body of your request: {err}"),
-            param: None,
-        })?;
-        let Value::Object(body) = value else {
-            return Err(Invalid {
-                message: "The request body must be a JSON object.".to_owned(),
-                param: None,
-            });
-        };
-
-        let model = match body.get("model") {
-            Some(Value::String(model)) if !model.is_empty() => model.clone(),
-            Some(_) => return Err(invalid("'model' must be a non-empty string.", "model")),
-            None => return Err(invalid("you must provide a model parameter", "model")),
-        };
+        let body = object_of(bytes)?;
+        let model = model_of(&body)?;
         validate_messages(body.get("messages"))?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);
         let include_usage = stream_options(&body)?;
@@ -63,24 +109,12 @@ impl ChatRequest {
                 _ => return Err(invalid("'n' must be an integer of at least 1.", "n")),
             },
         };
-        for field in ["temperature", "top_p", "presence_penalty", "frequency_penalty"] {
-            if !matches!(body.get(field), None | Some(Value::Null) | Some(Value::Number(_))) {
-                return Err(invalid(format!("'{field}' must be a number."), field));
-            }
-        }
-        for field in ["max_tokens", "max_completion_tokens", "seed", "top_logprobs"] {
-            if !matches!(body.get(field), None | Some(Value::Null))
-                && body.get(field).and_then(Value::as_i64).is_none()
-            {
-                return Err(invalid(format!("'{field}' must be an integer."), field));
-            }
-        }
-        if !matches!(
-            body.get("stop"),
-            None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Array(_))
-        ) {
-            return Err(invalid("'stop' must be a string or an array of strings.", "stop"));
-        }
+        numbers_and_integers(
+            &body,
+            &["temperature", "top_p", "presence_penalty", "frequency_penalty"],
+            &["max_tokens", "max_completion_tokens", "seed", "top_logprobs"],
+        )?;
+        stop_of(&body)?;
         for field in ["tools", "functions"] {
             if !matches!(body.get(field), None | Some(Value::Null) | Some(Value::Array(_))) {
                 return Err(invalid(format!("'{field}' must be an array."), field));
