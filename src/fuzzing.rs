@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::cache::Protocol;
+use crate::cache::{Protocol, Replay, StreamItem};
 use crate::openai::embeddings::EmbeddingsRequest;
 use crate::openai::request::ChatRequest;
 use crate::openai::sse::{self, Assembler, Parser};
@@ -66,6 +66,7 @@ pub fn stream(bytes: &[u8]) {
     let Some((&piece, bytes)) = bytes.split_first() else {
         return;
     };
+    completion_stream(bytes, usize::from(piece % 64) + 1);
     let Some(completion) = assemble(bytes, usize::from(piece % 64) + 1) else {
         return;
     };
@@ -75,6 +76,37 @@ pub fn stream(bytes: &[u8]) {
         again["choices"], completion["choices"],
         "replay keeps the choices"
     );
+}
+
+/// The same bytes as a legacy completions stream: what its reader assembles replays as a
+/// stream that assembles to the same answer.
+fn completion_stream(bytes: &[u8], piece: usize) {
+    let request = CompletionRequest::parse(br#"{"model": "m", "prompt": "x", "stream": true}"#)
+        .expect("a valid request");
+    let Some(answer) = read_completion(&request, bytes, piece) else {
+        return;
+    };
+    let Replay::Events(events) = Completions.replay(&request, &answer) else {
+        panic!("a streamed request replays as events");
+    };
+    let again = read_completion(&request, &events.concat(), 7).expect("a replayed answer assembles");
+    let choices =
+        |answer: &[u8]| serde_json::from_slice::<serde_json::Value>(answer).expect("JSON")["choices"].clone();
+    assert_eq!(choices(&again), choices(&answer), "replay keeps the choices");
+}
+
+fn read_completion(request: &CompletionRequest, bytes: &[u8], piece: usize) -> Option<Bytes> {
+    let mut reader = Completions.stream_reader(request);
+    for chunk in bytes.chunks(piece) {
+        for item in reader.feed(chunk) {
+            match item {
+                StreamItem::End => return reader.finish().ok().map(|(answer, _)| answer),
+                StreamItem::Broken(_) => return None,
+                StreamItem::Event(_) => {}
+            }
+        }
+    }
+    None
 }
 
 fn assemble(bytes: &[u8], piece: usize) -> Option<serde_json::Value> {
