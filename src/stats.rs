@@ -353,21 +353,41 @@ impl Stats {
         }
     }
 
-    fn count_request(&self, origin: Origin<'_>) -> (&Breakdown, Arc<Breakdown>, Arc<Breakdown>) {
+    /// The surface, model and tenant rows a request counts in.
+    fn rows_of(&self, origin: Origin<'_>) -> (&Breakdown, Arc<Breakdown>, Arc<Breakdown>) {
         let Origin {
             surface,
             model,
             tenant,
         } = origin;
-        let surface_row = self.surface_row(surface);
         let model_row = self
             .by_model
             .row(model, || model.to_owned(), || OTHER_MODELS.to_owned());
         let tenant_row = self.by_tenant.row(&tenant, || tenant, other_tenants);
-        for row in [surface_row, &model_row, &tenant_row] {
+        (self.surface_row(surface), model_row, tenant_row)
+    }
+
+    fn count_request(&self, origin: Origin<'_>) -> (&Breakdown, Arc<Breakdown>, Arc<Breakdown>) {
+        let rows = self.rows_of(origin);
+        for row in [rows.0, &rows.1, &rows.2] {
             row.requests.fetch_add(1, Relaxed);
         }
-        (surface_row, model_row, tenant_row)
+        rows
+    }
+
+    /// Adds the tokens `usage` saved, and their cost at `model`'s price, to the totals and to
+    /// `rows`.
+    fn count_saved(&self, rows: [&Breakdown; 3], model: &str, usage: Usage) {
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
+        let cost_pico = self.cost_pico(model, usage);
+        self.prompt_tokens_saved.fetch_add(usage.prompt_tokens, Relaxed);
+        self.completion_tokens_saved
+            .fetch_add(usage.completion_tokens, Relaxed);
+        self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        for row in rows {
+            row.tokens_saved.fetch_add(tokens, Relaxed);
+            row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        }
     }
 
     fn surface_row(&self, surface: Surface) -> &Breakdown {
@@ -410,46 +430,22 @@ impl Stats {
             HitKind::Conversation => self.conversation_hits.fetch_add(1, Relaxed),
         };
         self.hit_similarity.observe(similarity);
-        self.prompt_tokens_saved.fetch_add(usage.prompt_tokens, Relaxed);
-        self.completion_tokens_saved
-            .fetch_add(usage.completion_tokens, Relaxed);
-        let tokens = usage.prompt_tokens + usage.completion_tokens;
-        let cost_pico = self.cost_pico(origin.model, usage);
-        self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
+        self.count_saved([surface_row, &model_row, &tenant_row], origin.model, usage);
         self.latency_saved_micros
             .fetch_add(saved_latency.as_micros() as u64, Relaxed);
         for row in [surface_row, &model_row, &tenant_row] {
             row.hits.fetch_add(1, Relaxed);
-            row.tokens_saved.fetch_add(tokens, Relaxed);
-            row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
         }
     }
 
     /// Tokens (and their cost) a request saved without being a hit: the cached items of a
     /// batch that went upstream for the others.
     pub fn record_saved(&self, origin: Origin<'_>, usage: Usage) {
-        let tokens = usage.prompt_tokens + usage.completion_tokens;
-        if tokens == 0 {
+        if usage.prompt_tokens + usage.completion_tokens == 0 {
             return;
         }
-        let cost_pico = self.cost_pico(origin.model, usage);
-        self.prompt_tokens_saved.fetch_add(usage.prompt_tokens, Relaxed);
-        self.completion_tokens_saved
-            .fetch_add(usage.completion_tokens, Relaxed);
-        self.cost_saved_pico.fetch_add(cost_pico, Relaxed);
-        let surface_row = self.surface_row(origin.surface);
-        let model_row = self.by_model.row(
-            origin.model,
-            || origin.model.to_owned(),
-            || OTHER_MODELS.to_owned(),
-        );
-        let tenant_row = self
-            .by_tenant
-            .row(&origin.tenant, || origin.tenant, other_tenants);
-        for row in [surface_row, &model_row, &tenant_row] {
-            row.tokens_saved.fetch_add(tokens, Relaxed);
-            row.cost_saved_pico.fetch_add(cost_pico, Relaxed);
-        }
+        let (surface_row, model_row, tenant_row) = self.rows_of(origin);
+        self.count_saved([surface_row, &model_row, &tenant_row], origin.model, usage);
     }
 
     fn cost_pico(&self, model: &str, usage: Usage) -> u64 {

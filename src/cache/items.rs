@@ -9,6 +9,7 @@
 //! stores nothing; when the cache fails, the request goes through as through a plain proxy,
 //! counted.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -141,22 +142,29 @@ impl Service {
             });
         }
 
-        // Each text not found is sent once, however often the batch repeats it.
-        let mut sent: Vec<&str> = Vec::new();
-        for (item, entry) in all.iter().zip(&found) {
-            if entry.is_none() && !sent.contains(item) {
-                sent.push(item);
+        // Each text not found is sent once, however often the batch repeats it: `sent` holds the
+        // index of its first item, `slot` each missing item's place among them.
+        let mut sent: Vec<usize> = Vec::new();
+        let mut slot: Vec<Option<usize>> = vec![None; items.len()];
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        for (at, (item, entry)) in all.iter().zip(&found).enumerate() {
+            if entry.is_none() {
+                slot[at] = Some(*first.entry(item).or_insert_with(|| {
+                    sent.push(at);
+                    sent.len() - 1
+                }));
             }
         }
+        let texts: Vec<&str> = sent.iter().map(|&at| all[at]).collect();
         self.stats.record_miss(origin, None, None, false);
         self.stats.record_saved(origin, saved);
         let upstream_started = Instant::now();
-        let reply = self.call(call, protocol.body(&sent)).await?;
+        let reply = self.call(call, protocol.body(&texts)).await?;
         let (status, headers) = (reply.status, reply.headers.clone());
         let body = reply.bytes().await?;
         let split = status
             .is_success()
-            .then(|| protocol.split(&body, sent.len()))
+            .then(|| protocol.split(&body, texts.len()))
             .flatten();
         let Some((answers, upstream_model, usage)) = split else {
             return Ok(ItemsServed::Relayed {
@@ -167,13 +175,9 @@ impl Service {
             });
         };
         let latency = upstream_started.elapsed();
-        let lengths: Vec<usize> = sent.iter().map(|text| text.len()).collect();
+        let lengths: Vec<usize> = texts.iter().map(|text| text.len()).collect();
         // All at once: the store commits them together (one sync for the batch, not one each).
-        let inserts = sent.iter().zip(&answers).enumerate().map(|(n, (text, answer))| {
-            let at = all
-                .iter()
-                .position(|item| item == text)
-                .expect("sent from the items");
+        let inserts = sent.iter().zip(&answers).enumerate().map(|(n, (&at, answer))| {
             let answer = Answer {
                 completion: answer.clone(),
                 model: upstream_model.clone(),
@@ -186,12 +190,12 @@ impl Service {
             self.cache.insert(&keys[at], None, answer, controls.ttl)
         });
         futures::future::join_all(inserts).await;
-        let items = all
-            .iter()
-            .zip(found)
-            .map(|(item, entry)| match entry {
-                Some(entry) => entry.answer.completion.clone(),
-                None => answers[sent.iter().position(|text| text == item).expect("sent")].clone(),
+        let items = found
+            .into_iter()
+            .zip(slot)
+            .map(|(entry, slot)| match (entry, slot) {
+                (Some(entry), _) => entry.answer.completion.clone(),
+                (None, slot) => answers[slot.expect("every missing item was sent")].clone(),
             })
             .collect();
         Ok(ItemsServed::Answers {

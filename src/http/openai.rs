@@ -22,8 +22,8 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use super::AppState;
 use crate::cache::{
-    CacheRequest, Controls, Criteria, Feedback, ItemsRequest, ItemsServed, Outcome, Protocol, Replay, Served,
-    ServedBody,
+    CacheRequest, Controls, Criteria, Feedback, Invalid, ItemsRequest, ItemsServed, Outcome, Protocol,
+    Replay, Served, ServedBody, TenantId,
 };
 use crate::openai::embeddings::{self, Embeddings, EmbeddingsRequest};
 use crate::openai::{ChatCompletions, Completions};
@@ -152,20 +152,8 @@ pub async fn embeddings(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let prepared = async {
-        let tenant = tenant_of(state.scope, &headers)?;
-        let bytes = read_body(body, state.body_limits.max_bytes).await?;
-        let request = EmbeddingsRequest::parse(&bytes).map_err(ApiError::InvalidRequest)?;
-        let controls = controls_from_headers(&headers, &state.settings.load())?;
-        Ok::<_, ApiError>((tenant, bytes, request, controls))
-    };
-    let (tenant, bytes, request, controls) = match prepared.await {
-        Ok(prepared) => prepared,
-        Err(err) => {
-            state.stats.record_rejected();
-            return Err(err);
-        }
-    };
+    let (tenant, bytes, request, controls) =
+        prepare(&state, &headers, body, EmbeddingsRequest::parse).await?;
     let upstream = Arc::clone(&state.upstream);
     let call = |body| async move { upstream.post_json("/embeddings", &headers, body).await };
     let served = match request.items() {
@@ -219,6 +207,25 @@ pub async fn embeddings(
     })
 }
 
+/// What every cached surface reads of a request before the core sees it: the tenant, the body
+/// within its limit, the request `parse` makes of it and the client's cache controls. A request
+/// refused here is counted as rejected.
+async fn prepare<R>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    parse: impl FnOnce(&[u8]) -> Result<R, Invalid>,
+) -> Result<(TenantId, Bytes, R, Controls), ApiError> {
+    let prepared = async {
+        let tenant = tenant_of(state.scope, headers)?;
+        let bytes = read_body(body, state.body_limits.max_bytes).await?;
+        let request = parse(&bytes).map_err(ApiError::InvalidRequest)?;
+        let controls = controls_from_headers(headers, &state.settings.load())?;
+        Ok((tenant, bytes, request, controls))
+    };
+    prepared.await.inspect_err(|_| state.stats.record_rejected())
+}
+
 /// One request to a cached surface: read and validated here, answered by the core.
 async fn cached<P: Protocol>(
     protocol: &P,
@@ -227,20 +234,8 @@ async fn cached<P: Protocol>(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let prepared = async {
-        let tenant = tenant_of(state.scope, &headers)?;
-        let bytes = read_body(body, state.body_limits.max_bytes).await?;
-        let request = protocol.parse(&bytes).map_err(ApiError::InvalidRequest)?;
-        let controls = controls_from_headers(&headers, &state.settings.load())?;
-        Ok::<_, ApiError>((tenant, bytes, request, controls))
-    };
-    let (tenant, bytes, request, controls) = match prepared.await {
-        Ok(prepared) => prepared,
-        Err(err) => {
-            state.stats.record_rejected();
-            return Err(err);
-        }
-    };
+    let (tenant, bytes, request, controls) =
+        prepare(&state, &headers, body, |bytes| protocol.parse(bytes)).await?;
     let upstream = Arc::clone(&state.upstream);
     let path = protocol.upstream_path();
     let call = |body| async move { upstream.post_json(path, &headers, body).await };

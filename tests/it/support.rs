@@ -123,6 +123,14 @@ fn last_user_text(body: &Value) -> String {
         .to_owned()
 }
 
+/// What every route answers in `Mode::Status`: that status, an OpenAI error body and a
+/// `Retry-After`.
+fn refusal(code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap();
+    let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
+    (status, [("retry-after", "7")], Json(error)).into_response()
+}
+
 async fn chat(
     State(state): State<Arc<UpstreamState>>,
     headers: HeaderMap,
@@ -138,9 +146,7 @@ async fn chat(
     }
     let mode = state.mode.lock().unwrap_or(Mode::Normal);
     if let Mode::Status(code) = mode {
-        let status = StatusCode::from_u16(code).unwrap();
-        let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
-        return (status, [("retry-after", "7")], Json(error)).into_response();
+        return refusal(code);
     }
     let content = format!("Answer #{call} to: {}", last_user_text(&body));
     let model = body["model"].as_str().unwrap_or("unknown").to_owned();
@@ -217,9 +223,7 @@ async fn completion(State(state): State<Arc<UpstreamState>>, Json(body): Json<Va
     let call = state.completion_calls.fetch_add(1, Ordering::SeqCst) + 1;
     let mode = state.mode.lock().unwrap_or(Mode::Normal);
     if let Mode::Status(code) = mode {
-        let status = StatusCode::from_u16(code).unwrap();
-        let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
-        return (status, Json(error)).into_response();
+        return refusal(code);
     }
     let prompt = match &body["prompt"] {
         Value::Array(items) => items.first().and_then(Value::as_str).unwrap_or("").to_owned(),
@@ -282,8 +286,7 @@ async fn embeddings(State(state): State<Arc<UpstreamState>>, Json(body): Json<Va
         inputs.len()
     };
     if let Some(Mode::Status(code)) = *state.mode.lock() {
-        let error = json!({"error": {"message": "upstream says no", "type": "server_error", "param": null, "code": null}});
-        return (StatusCode::from_u16(code).unwrap(), Json(error)).into_response();
+        return refusal(code);
     }
     let texts: Vec<String> = match &body["input"] {
         Value::String(text) => vec![text.clone()],
