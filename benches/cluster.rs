@@ -165,6 +165,7 @@ fn record(i: usize, rng: &mut StdRng) -> Record {
         own_threshold: 0.0,
         wrong_reports: 0,
         context: None,
+        verdicts: Default::default(),
     }
 }
 

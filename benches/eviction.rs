@@ -97,6 +97,7 @@ fn hit_rate(policy: Eviction, shifting: bool) -> f64 {
         context_threshold: 1.0,
         max_age: None,
         verify: false,
+        judge: None,
     };
     let answer = Answer {
         completion: Bytes::from_static(b"{}"),

@@ -91,6 +91,7 @@ fn fill(store: &Store, n: usize, rng: &mut StdRng) {
                     own_threshold: 0.0,
                     wrong_reports: 0,
                     context: None,
+                    verdicts: Default::default(),
                 }))
             })
             .collect();

@@ -364,6 +364,103 @@ pub struct ServeArgs {
     /// Seconds allowed for a whole upstream call, streaming included.
     #[arg(long, env = "SEMCACHE_UPSTREAM_TIMEOUT", default_value_t = 600)]
     pub upstream_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+}
+
+/// The judge model for uncertain semantic candidates (off unless --judge-model is given).
+#[derive(Debug, Clone, clap::Args)]
+pub struct JudgeArgs {
+    /// A model asked, through an OpenAI-compatible chat completions API, whether a semantic
+    /// candidate's answer serves the new request; candidates from --judge-floor up are served
+    /// only on its yes, unless their entry's learned bound says it need not be asked.
+    #[arg(long, env = "SEMCACHE_JUDGE_MODEL")]
+    pub judge_model: Option<String>,
+
+    /// The judge's API base URL, including the version path [default: --upstream, with its
+    /// key handling].
+    #[arg(long, env = "SEMCACHE_JUDGE_UPSTREAM")]
+    pub judge_upstream: Option<String>,
+
+    /// The key sent to the judge. Without it, a judge on the main upstream gets
+    /// --upstream-api-key or else the client's own key; a judge elsewhere gets none.
+    #[arg(long, env = "SEMCACHE_JUDGE_API_KEY", hide_env_values = true)]
+    pub judge_api_key: Option<String>,
+
+    /// Semantic candidates from this similarity up are judged, below the threshold too.
+    #[arg(long, env = "SEMCACHE_JUDGE_FLOOR", default_value_t = 0.70)]
+    pub judge_floor: f32,
+
+    /// Milliseconds a judge call may take; a slower one is a miss.
+    #[arg(long, env = "SEMCACHE_JUDGE_TIMEOUT_MS", default_value_t = 2000)]
+    pub judge_timeout_ms: u64,
+
+    /// The expected share of wrong hits an entry may have, from its verdicts, to be served
+    /// without asking the judge; 0: the judge is always asked.
+    #[arg(long, env = "SEMCACHE_JUDGE_MAX_ERROR", default_value_t = 0.02)]
+    pub judge_max_error: f32,
+}
+
+impl JudgeArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.judge_floor) || self.judge_floor.is_nan() {
+            return Err(format!(
+                "--judge-floor must be within [0, 1], got {}",
+                self.judge_floor
+            ));
+        }
+        if !(0.0..1.0).contains(&self.judge_max_error) || self.judge_max_error.is_nan() {
+            return Err(format!(
+                "--judge-max-error must be within [0, 1), got {}",
+                self.judge_max_error
+            ));
+        }
+        if self.judge_timeout_ms == 0 {
+            return Err("--judge-timeout-ms must be positive".to_owned());
+        }
+        if let Some(url) = &self.judge_upstream {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("--judge-upstream must be an http(s) URL, got {url:?}"));
+            }
+        }
+        if self
+            .judge_model
+            .as_deref()
+            .is_some_and(|model| model.trim().is_empty())
+        {
+            return Err("--judge-model must name a model".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The judge's settings, when --judge-model names one. `upstream` and `upstream_key` are
+    /// the main upstream's: the judge's defaults.
+    pub fn config(&self, upstream: &str, upstream_key: Option<&str>) -> Option<crate::judge::Config> {
+        let model = self.judge_model.clone()?;
+        let upstream = upstream.trim_end_matches('/');
+        let base_url = self
+            .judge_upstream
+            .as_deref()
+            .map_or(upstream, |url| url.trim_end_matches('/'));
+        let on_main = base_url == upstream;
+        let api_key = match (&self.judge_api_key, on_main) {
+            (Some(key), _) => Some(key.clone()),
+            (None, true) => upstream_key.map(str::to_owned),
+            (None, false) => None,
+        };
+        Some(crate::judge::Config {
+            model,
+            base_url: base_url.to_owned(),
+            forwards_client_key: on_main && api_key.is_none(),
+            api_key,
+            timeout: Duration::from_millis(self.judge_timeout_ms),
+            policy: crate::judge::Policy {
+                floor: self.judge_floor,
+                max_error: self.judge_max_error,
+            },
+        })
+    }
 }
 
 impl ServeArgs {
@@ -426,7 +523,13 @@ impl ServeArgs {
                 return Err(format!("{name} must be positive"));
             }
         }
-        Ok(())
+        self.judge.validate()
+    }
+
+    /// The judge's settings, when --judge-model names one.
+    pub fn judge_config(&self) -> Option<crate::judge::Config> {
+        self.judge
+            .config(&self.upstream, self.upstream_api_key.as_deref())
     }
 
     pub fn cache_config(&self) -> crate::cache::Config {

@@ -27,6 +27,7 @@ pub mod eval;
 pub mod fuzzing;
 pub mod http;
 pub mod index;
+pub mod judge;
 pub mod openai;
 pub mod settings;
 pub mod stats;
@@ -114,8 +115,13 @@ pub fn app(args: &ServeArgs, embedder: Arc<dyn Embedder>) -> Result<App, SetupEr
         store.follow(Arc::downgrade(&cache), settings.clone(), current);
     }
     let stats = Arc::new(Stats::new(prices));
+    let mut service = cache::Service::new(Arc::clone(&cache), Arc::clone(&stats));
+    if let Some(config) = args.judge_config() {
+        tracing::info!(model = %config.model, floor = config.policy.floor, max_error = config.policy.max_error, "judging uncertain candidates");
+        service = service.with_judge(judge::Judge::over_http(&config)?);
+    }
     let state = http::AppState {
-        service: Arc::new(cache::Service::new(Arc::clone(&cache), Arc::clone(&stats))),
+        service: Arc::new(service),
         cache,
         upstream: Arc::new(upstream::Upstream::new(args.upstream_config())?),
         settings,

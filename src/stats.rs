@@ -16,7 +16,8 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::cache::{HitKind, Surface, TenantId, Usage};
+use crate::cache::{HitKind, Surface, TenantId, Usage, Vouched};
+use crate::judge::{Failure, Ruling};
 use crate::verify::Reason;
 
 /// Number of equal-width similarity buckets between 0 and 1.
@@ -222,6 +223,61 @@ pub struct Stats {
     by_model: Rows<String>,
     by_tenant: Rows<TenantId>,
     history: Mutex<History>,
+    judge: JudgeCounters,
+}
+
+/// What the judge did and what it cost.
+#[derive(Debug, Default)]
+struct JudgeCounters {
+    approved: AtomicU64,
+    rejected: AtomicU64,
+    /// Verdicts used again for a request judged before, without a call.
+    remembered: AtomicU64,
+    /// Calls that gave no verdict, by kind ([`Failure::ALL`] order).
+    failures: [AtomicU64; Failure::ALL.len()],
+    /// Hits the judge approved (now or before), and hits served on an entry's learned bound.
+    judged_hits: AtomicU64,
+    learned_hits: AtomicU64,
+    /// Candidates passed over without a call: their entry's verdicts said no.
+    passed_over: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    cost_pico: AtomicU64,
+    latency_micros: AtomicU64,
+}
+
+/// The judge's figures at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JudgeSnapshot {
+    /// Calls made: approved + rejected + failed.
+    pub calls: u64,
+    pub approved: u64,
+    pub rejected: u64,
+    pub remembered: u64,
+    pub failures: Vec<(&'static str, u64)>,
+    pub judged_hits: u64,
+    pub learned_hits: u64,
+    pub passed_over: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    /// Total time spent waiting for the judge, for the mean latency it adds.
+    pub latency_ms: f64,
+}
+
+impl JudgeSnapshot {
+    pub fn failed(&self) -> u64 {
+        self.failures.iter().map(|(_, count)| count).sum()
+    }
+
+    /// Mean time a judge call took, in milliseconds.
+    pub fn mean_latency_ms(&self) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            self.latency_ms / self.calls as f64
+        }
+    }
 }
 
 /// Most rows in a breakdown. Model names and keys come from clients: past this, new ones are
@@ -320,6 +376,7 @@ pub struct Snapshot {
     pub by_model: Vec<(String, BreakdownSnapshot, bool)>,
     pub by_tenant: Vec<(TenantId, BreakdownSnapshot)>,
     pub history: Vec<Interval>,
+    pub judge: JudgeSnapshot,
 }
 
 impl Snapshot {
@@ -329,6 +386,11 @@ impl Snapshot {
         } else {
             self.hits as f64 / self.requests as f64
         }
+    }
+
+    /// What hits saved, less what the judge cost.
+    pub fn cost_saved_net_usd(&self) -> f64 {
+        self.cost_saved_usd - self.judge.cost_usd
     }
 
     pub fn tokens_saved(&self) -> u64 {
@@ -396,6 +458,95 @@ impl Stats {
             .position(|s| *s == surface)
             .expect("every surface is listed");
         &self.by_surface[slot]
+    }
+
+    /// What asking the judge about one candidate came to. `model` is the judge's.
+    pub fn record_ruling(&self, model: &str, ruling: &Ruling) {
+        let judge = &self.judge;
+        let (usage, latency) = match ruling {
+            Ruling::Remembered(_) => {
+                judge.remembered.fetch_add(1, Relaxed);
+                return;
+            }
+            Ruling::Judged {
+                approved,
+                usage,
+                latency,
+            } => {
+                let verdicts = if *approved {
+                    &judge.approved
+                } else {
+                    &judge.rejected
+                };
+                verdicts.fetch_add(1, Relaxed);
+                (*usage, *latency)
+            }
+            Ruling::Failed {
+                failure,
+                usage,
+                latency,
+            } => {
+                let slot = Failure::ALL
+                    .iter()
+                    .position(|kind| *kind == failure.as_str())
+                    .expect("every failure is listed");
+                judge.failures[slot].fetch_add(1, Relaxed);
+                (*usage, *latency)
+            }
+        };
+        judge.prompt_tokens.fetch_add(usage.prompt_tokens, Relaxed);
+        judge
+            .completion_tokens
+            .fetch_add(usage.completion_tokens, Relaxed);
+        judge.cost_pico.fetch_add(self.cost_pico(model, usage), Relaxed);
+        judge
+            .latency_micros
+            .fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+
+    /// Candidates a lookup passed over on what their verdicts said, without asking the judge.
+    pub fn record_passed_over(&self, candidates: u32) {
+        if candidates > 0 {
+            self.judge.passed_over.fetch_add(u64::from(candidates), Relaxed);
+        }
+    }
+
+    /// A hit, by what vouched for it besides similarity.
+    pub fn record_vouched(&self, vouched: Vouched) {
+        match vouched {
+            Vouched::Nothing => {}
+            Vouched::Judge => {
+                self.judge.judged_hits.fetch_add(1, Relaxed);
+            }
+            Vouched::Learned => {
+                self.judge.learned_hits.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn judge_snapshot(&self) -> JudgeSnapshot {
+        let judge = &self.judge;
+        let failures: Vec<_> = Failure::ALL
+            .iter()
+            .zip(&judge.failures)
+            .map(|(kind, count)| (*kind, count.load(Relaxed)))
+            .collect();
+        let (approved, rejected) = (judge.approved.load(Relaxed), judge.rejected.load(Relaxed));
+        let failed: u64 = failures.iter().map(|(_, count)| count).sum();
+        JudgeSnapshot {
+            calls: approved + rejected + failed,
+            approved,
+            rejected,
+            remembered: judge.remembered.load(Relaxed),
+            failures,
+            judged_hits: judge.judged_hits.load(Relaxed),
+            learned_hits: judge.learned_hits.load(Relaxed),
+            passed_over: judge.passed_over.load(Relaxed),
+            prompt_tokens: judge.prompt_tokens.load(Relaxed),
+            completion_tokens: judge.completion_tokens.load(Relaxed),
+            cost_usd: judge.cost_pico.load(Relaxed) as f64 / PICO,
+            latency_ms: judge.latency_micros.load(Relaxed) as f64 / 1000.0,
+        }
     }
 
     /// A request refused before it reached the cache (bad body, bad header).
@@ -623,6 +774,7 @@ impl Stats {
             by_model,
             by_tenant,
             history: self.history_with_current(),
+            judge: self.judge_snapshot(),
         }
     }
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::{Eviction, ExactKey, Fingerprint, TenantId};
 use crate::context::Context;
+use crate::judge::Verdicts;
 use crate::store::{Record, RecordContext};
 use crate::verify;
 
@@ -71,6 +72,8 @@ pub struct Entry {
     /// The prompt as the hit verifier reads it, found when the entry is first a candidate and
     /// kept: a popular entry is compared with many requests.
     pub(super) analysis: OnceLock<verify::Analysis>,
+    /// The judge's verdicts on the entry, and feedback on its hits (see `judge::learn`).
+    pub(super) verdicts: parking_lot::Mutex<Verdicts>,
 }
 
 impl Entry {
@@ -171,5 +174,6 @@ pub(super) fn record_of(entry: &Entry, embedding: Option<Vec<f32>>) -> Record {
             exact: entry.exact.0 .0,
             context: Context::clone(context),
         }),
+        verdicts: entry.verdicts.lock().clone(),
     }
 }

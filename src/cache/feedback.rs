@@ -22,15 +22,19 @@ pub enum Feedback {
 impl Cache {
     /// Feedback from the application on an answer it was served. A wrong answer raises the
     /// entry's own threshold just above the similarity at which it was served (an exact hit
-    /// being wrong means the answer itself is), and repeated reports evict it.
+    /// being wrong means the answer itself is), and repeated reports evict it. Feedback on a
+    /// semantic hit is also a verdict the judge's learning counts (`judge::learn`).
     pub fn report(&self, entry_id: u64, correct: bool, similarity: Option<f32>) -> Option<Feedback> {
         let entry = self.get(entry_id)?;
+        let served_at =
+            similarity.unwrap_or_else(|| f32::from_bits(entry.last_similarity.load(Ordering::Relaxed)));
+        if served_at > 0.0 && served_at < 0.9999 {
+            self.learn_from_feedback(&entry, served_at, correct);
+        }
         if correct {
             return Some(Feedback::Noted);
         }
         let reports = entry.wrong_reports.fetch_add(1, Ordering::Relaxed) + 1;
-        let served_at =
-            similarity.unwrap_or_else(|| f32::from_bits(entry.last_similarity.load(Ordering::Relaxed)));
         // Wrong at similarity 1, or never served at all (an operator's verdict on the answer
         // itself): nothing else could be served from it.
         if reports >= WRONG_REPORTS_TO_EVICT || served_at >= 0.9999 || served_at <= 0.0 {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::{Cache, Entry, Error, RequestKey};
 use crate::context::{self, Analysed, Context};
 use crate::embed;
+use crate::judge::{Confidence, Policy};
 use crate::store::EntryStore;
 use crate::verify::{self, Rejection};
 
@@ -34,6 +35,30 @@ pub struct Hit {
     pub entry: Arc<Entry>,
     pub similarity: f32,
     pub kind: HitKind,
+    /// What vouched for it besides similarity and the verifier.
+    pub vouched: Vouched,
+}
+
+/// What vouched for a hit besides its similarity and the verifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vouched {
+    /// Nothing else: no judge, or a hit the judge is not asked about (an exact one).
+    Nothing,
+    /// The judge approved it (for this request, now or before).
+    Judge,
+    /// The entry's verdicts so far: its learned bound let it be served without asking.
+    Learned,
+}
+
+impl Vouched {
+    /// The `x-semcache-judged` header's value: `yes` or `learned`; none when not judged.
+    pub fn header(self) -> Option<&'static str> {
+        match self {
+            Vouched::Nothing => None,
+            Vouched::Judge => Some("yes"),
+            Vouched::Learned => Some("learned"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -44,6 +69,11 @@ pub struct Miss {
     pub nearest: Option<f32>,
     /// Why the best candidate above the threshold was refused by the verifier, if it was.
     pub refused: Option<Rejection>,
+    /// With a judge: the most similar candidate that passed every other check but is served
+    /// only if the judge approves it (see [`crate::cache::vouch`]).
+    pub unsure: Option<Hit>,
+    /// Candidates passed over without asking the judge: their verdicts said no.
+    pub passed_over: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +95,9 @@ pub struct Criteria {
     pub max_age: Option<Duration>,
     /// Whether semantic candidates must pass the hit verifier.
     pub verify: bool,
+    /// With a judge: candidates from its floor up (below the thresholds too) are the judge's
+    /// to approve, unless their entry is confident at that similarity.
+    pub judge: Option<Policy>,
 }
 
 enum Unservable {
@@ -102,6 +135,7 @@ impl Cache {
             entry,
             similarity: 1.0,
             kind: HitKind::Exact,
+            vouched: Vouched::Nothing,
         })
     }
 
@@ -133,7 +167,16 @@ impl Cache {
                     });
                     match (remote, semantic?) {
                         (Some(hit), _) | (None, Lookup::Hit(hit)) => hit,
-                        (None, miss) => return Ok(miss),
+                        (None, Lookup::Miss(mut miss)) => {
+                            // A candidate for the judge must still be there before it is asked.
+                            if let Some(unsure) = &miss.unsure {
+                                if !shared.confirm(unsure.entry.id).await? {
+                                    self.forget(unsure.entry.id);
+                                    miss.unsure = None;
+                                }
+                            }
+                            return Ok(Lookup::Miss(miss));
+                        }
                     }
                 }
             };
@@ -201,6 +244,7 @@ impl Cache {
         let partition = key.partition();
         let candidates = self.index.top(&partition, &embedding, CANDIDATES);
         let mut refused: Option<(Rejection, f32)> = None;
+        let mut passed_over = 0;
         let mut best_unserved = candidates.first().map(|c| c.similarity);
         // The request's prompt, analysed once for all its candidates.
         let (mut query_seen, mut query) = (None, None);
@@ -211,6 +255,7 @@ impl Cache {
         } else {
             criteria.threshold
         };
+        let lowest = criteria.judge.map_or(lowest, |judge| lowest.min(judge.floor));
         for candidate in candidates.iter().filter(|c| c.similarity >= lowest) {
             let entry = match self.servable(candidate.entry_id, criteria) {
                 Ok(entry) => entry,
@@ -233,7 +278,8 @@ impl Cache {
             } else {
                 criteria.threshold
             };
-            if candidate.similarity < threshold {
+            let judged = criteria.judge.filter(|judge| candidate.similarity >= judge.floor);
+            if candidate.similarity < threshold && judged.is_none() {
                 continue;
             }
             if criteria.verify {
@@ -264,20 +310,47 @@ impl Cache {
                     continue;
                 }
             }
-            entry.touch(&self.clock);
             let similarity = candidate.similarity.min(1.0);
-            entry
-                .last_similarity
-                .store(similarity.to_bits(), Ordering::Relaxed);
             let kind = if in_conversation {
                 HitKind::Conversation
             } else {
                 HitKind::Semantic
             };
+            let mut vouched = Vouched::Nothing;
+            if let Some(judge) = judged {
+                vouched = Vouched::Learned;
+                match self.confidence(&entry, similarity, &judge) {
+                    Confidence::Serve => {}
+                    Confidence::PassOver => {
+                        passed_over += 1;
+                        continue;
+                    }
+                    Confidence::Ask => {
+                        // One judge call per request at most: for the most similar candidate left.
+                        return Lookup::Miss(Miss {
+                            embedding: Some(embedding),
+                            nearest: Some(similarity),
+                            refused: refused.map(|(rejection, _)| rejection),
+                            unsure: Some(Hit {
+                                entry,
+                                similarity,
+                                kind,
+                                vouched: Vouched::Judge,
+                            }),
+                            passed_over,
+                        });
+                    }
+                }
+            }
+            entry.touch(&self.clock);
+            entry
+                .last_similarity
+                .store(similarity.to_bits(), Ordering::Relaxed);
             return Lookup::Hit(Hit {
                 entry,
                 similarity,
                 kind,
+                vouched,
             });
         }
         if let Some((_, similarity)) = &refused {
@@ -287,6 +360,8 @@ impl Cache {
             embedding: Some(embedding),
             nearest: best_unserved,
             refused: refused.map(|(rejection, _)| rejection),
+            unsure: None,
+            passed_over,
         })
     }
 }

@@ -13,6 +13,7 @@ mod entry;
 mod feedback;
 mod flight;
 mod items;
+mod judged;
 mod key;
 mod lookup;
 mod persist;
@@ -31,10 +32,11 @@ pub use entry::{expiry, Answer, Entry, Usage, MAX_TTL};
 pub use feedback::Feedback;
 pub use flight::{Flight, FlightOutcome, Join};
 pub use items::{ItemsProtocol, ItemsRequest, ItemsServed};
+pub use judged::vouch;
 pub use key::{
     partition_of, CacheInput, Conversation, Digest32, ExactKey, Fingerprint, RequestKey, TenantId,
 };
-pub use lookup::{Criteria, Hit, HitKind, Lookup, Miss};
+pub use lookup::{Criteria, Hit, HitKind, Lookup, Miss, Vouched};
 pub use protocol::{Invalid, Protocol, Replay, StreamItem, StreamReader, Surface};
 pub use service::{CacheRequest, Controls, Outcome, Served, ServedBody, Service};
 pub use table::Eviction;
@@ -228,6 +230,7 @@ impl Cache {
             last_similarity: AtomicU32::new(0),
             seen_len: OnceLock::new(),
             analysis: OnceLock::new(),
+            verdicts: Default::default(),
         });
         if self.shared.as_ref().is_some_and(|shared| !shared.is_available()) {
             // Redis went away since the lookup: nothing is kept that it has not acknowledged.
@@ -416,6 +419,7 @@ impl Cache {
                     entry,
                     similarity: 1.0,
                     kind: HitKind::Exact,
+                    vouched: Vouched::Nothing,
                 });
             }
             // Asked after the entry: a lease ended by the leader's store leaves the entry.
@@ -462,6 +466,7 @@ mod tests {
         context_threshold: 0.5,
         max_age: None,
         verify: true,
+        judge: None,
     };
 
     async fn fill(cache: &Cache, prompts: &[&str]) {
@@ -542,6 +547,7 @@ mod tests {
             context_threshold: 0.5,
             max_age: Some(Duration::from_millis(10)),
             verify: true,
+            judge: None,
         };
         assert!(cache.lookup_exact(&key("apple"), &strict).is_none());
         assert!(cache.lookup_exact(&key("apple"), &ANY).is_some());

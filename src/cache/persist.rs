@@ -113,6 +113,7 @@ impl Cache {
             last_similarity: AtomicU32::new(0),
             seen_len: OnceLock::new(),
             analysis: OnceLock::new(),
+            verdicts: parking_lot::Mutex::new(record.verdicts),
             prompt: record.prompt,
         })
     }

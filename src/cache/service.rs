@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::sync::mpsc;
 
 use super::protocol::{Protocol, StreamItem, StreamReader};
-use super::{Answer, Cache, Criteria, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId};
+use super::{vouch, Answer, Cache, Criteria, Flight, Hit, HitKind, Join, Lookup, RequestKey, TenantId};
 use crate::config::ContextMode;
 use crate::embed;
+use crate::judge::Judge;
 use crate::stats::{Origin, Stats};
 use crate::upstream::{self, UpstreamReply};
 
@@ -54,6 +55,8 @@ pub struct CacheRequest<'a, P: Protocol> {
     pub controls: Controls,
     /// When the request arrived, for the latency a hit saves.
     pub started: Instant,
+    /// The client's `Authorization`, for a judge that shares the upstream's key handling.
+    pub credential: Option<HeaderValue>,
 }
 
 /// How the cache treated a request.
@@ -89,15 +92,30 @@ pub enum ServedBody {
     Events(mpsc::Receiver<Bytes>),
 }
 
-/// The caching core: the cache, and the figures it keeps.
+/// The caching core: the cache, the figures it keeps and the judge, if there is one.
 pub struct Service {
     pub(super) cache: Arc<Cache>,
     pub(super) stats: Arc<Stats>,
+    judge: Option<Judge>,
 }
 
 impl Service {
     pub fn new(cache: Arc<Cache>, stats: Arc<Stats>) -> Self {
-        Self { cache, stats }
+        Self {
+            cache,
+            stats,
+            judge: None,
+        }
+    }
+
+    /// With a judge for the candidates a lookup is not sure of.
+    pub fn with_judge(mut self, judge: Judge) -> Self {
+        self.judge = Some(judge);
+        self
+    }
+
+    pub fn judge(&self) -> Option<&Judge> {
+        self.judge.as_ref()
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -120,9 +138,11 @@ impl Service {
             tenant,
             request,
             body,
-            controls,
+            mut controls,
             started,
+            credential,
         } = request;
+        controls.criteria.judge = self.judge.as_ref().map(|judge| judge.policy);
         let model = protocol.model(request);
         let origin = Origin {
             surface: protocol.surface(),
@@ -160,6 +180,15 @@ impl Service {
             match self.cache.lookup(&ticket.key, &controls.criteria).await {
                 Ok(Lookup::Hit(hit)) => return Ok(self.hit(origin, hit, started)),
                 Ok(Lookup::Miss(miss)) => {
+                    self.stats.record_passed_over(miss.passed_over);
+                    if let (Some(judge), Some(candidate)) = (&self.judge, &miss.unsure) {
+                        let ruling =
+                            vouch(&self.cache, judge, &ticket.key, candidate, credential.as_ref()).await;
+                        self.stats.record_ruling(&judge.model, &ruling);
+                        if ruling.approved() {
+                            return Ok(self.hit(origin, candidate.clone(), started));
+                        }
+                    }
                     ticket.embedding = miss.embedding;
                     nearest = miss.nearest;
                     refused = miss.refused.map(|rejection| rejection.reason);
@@ -202,6 +231,7 @@ impl Service {
                             entry,
                             similarity: 1.0,
                             kind: HitKind::Exact,
+                            vouched: super::Vouched::Nothing,
                         };
                         return Ok(self.hit(origin, hit, started));
                     }
@@ -273,6 +303,7 @@ impl Service {
             answer.usage,
             answer.upstream_latency.saturating_sub(started.elapsed()),
         );
+        self.stats.record_vouched(hit.vouched);
         Served::Hit(hit)
     }
 
@@ -633,6 +664,7 @@ mod tests {
             context_threshold: 0.9,
             max_age: None,
             verify: true,
+            judge: None,
         },
         ttl: None,
         context: ContextMode::Exact,
@@ -672,6 +704,7 @@ mod tests {
                     body: Bytes::from_static(body.as_bytes()),
                     controls: CONTROLS,
                     started: Instant::now(),
+                    credential: None,
                 },
                 call,
             )

@@ -177,6 +177,7 @@ fn look_up_all(
                 context_threshold: threshold,
                 max_age: None,
                 verify,
+                judge: None,
             };
             let hit = match cache.lookup_exact(key, &criteria) {
                 Some(hit) => Some(hit),

@@ -33,6 +33,8 @@ use crate::upstream::FORWARDED_RESPONSE_HEADERS;
 const X_SEMCACHE: HeaderName = HeaderName::from_static("x-semcache");
 const X_SIMILARITY: HeaderName = HeaderName::from_static("x-semcache-similarity");
 const X_ENTRY: HeaderName = HeaderName::from_static("x-semcache-entry");
+/// On a hit the judge approved, `yes`; on one its entry's learned bound let through, `learned`.
+const X_JUDGED: HeaderName = HeaderName::from_static("x-semcache-judged");
 const X_THRESHOLD: &str = "x-semcache-threshold";
 const X_CACHED_ITEMS: HeaderName = HeaderName::from_static("x-semcache-cached-items");
 /// Answers belong to one tenant: no shared HTTP cache in front of semcache may keep them.
@@ -59,6 +61,7 @@ fn controls_from_headers(headers: &HeaderMap, settings: &Settings) -> Result<Con
             context_threshold: settings.context_threshold,
             max_age: None,
             verify: settings.verify,
+            judge: None,
         },
         ttl: None,
         context: settings.context,
@@ -236,6 +239,7 @@ async fn cached<P: Protocol>(
     let started = Instant::now();
     let (tenant, bytes, request, controls) =
         prepare(&state, &headers, body, |bytes| protocol.parse(bytes)).await?;
+    let credential = headers.get(http::header::AUTHORIZATION).cloned();
     let upstream = Arc::clone(&state.upstream);
     let path = protocol.upstream_path();
     let call = |body| async move { upstream.post_json(path, &headers, body).await };
@@ -249,6 +253,7 @@ async fn cached<P: Protocol>(
                 body: bytes,
                 controls,
                 started,
+                credential,
             },
             call,
         )
@@ -281,6 +286,9 @@ fn respond<P: Protocol>(protocol: &P, request: &P::Request, served: Served) -> R
                 HeaderValue::from_str(&format!("{:.4}", hit.similarity)).expect("a number is a header value"),
             );
             headers.insert(X_ENTRY, HeaderValue::from(hit.entry.id));
+            if let Some(vouched) = hit.vouched.header() {
+                headers.insert(X_JUDGED, HeaderValue::from_static(vouched));
+            }
             response
         }
         Served::Upstream {

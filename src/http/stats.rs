@@ -46,6 +46,32 @@ async fn shared_json(state: &AppState) -> Value {
     })
 }
 
+/// The judge's part of `/stats`: `null` without one.
+fn judge_json(state: &AppState, s: &Snapshot) -> Value {
+    let Some(judge) = state.service.judge() else {
+        return Value::Null;
+    };
+    let j = &s.judge;
+    json!({
+        "model": judge.model,
+        "floor": super::rounded(judge.policy.floor),
+        "max_error": super::rounded(judge.policy.max_error),
+        "calls": j.calls,
+        "approved": j.approved,
+        "rejected": j.rejected,
+        "failed": j.failed(),
+        "failures": j.failures.iter().map(|(kind, count)| ((*kind).to_owned(), json!(count))).collect::<Map<String, Value>>(),
+        "remembered": j.remembered,
+        "judged_hits": j.judged_hits,
+        "learned_hits": j.learned_hits,
+        "passed_over": j.passed_over,
+        "prompt_tokens": j.prompt_tokens,
+        "completion_tokens": j.completion_tokens,
+        "cost_usd": j.cost_usd,
+        "mean_latency_ms": (j.mean_latency_ms() * 1000.0).round() / 1000.0,
+    })
+}
+
 pub async fn stats(State(state): State<AppState>) -> Json<Value> {
     let shared = shared_json(&state).await;
     let s = state.stats.snapshot();
@@ -108,6 +134,8 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         "prompt_tokens_saved": s.prompt_tokens_saved,
         "completion_tokens_saved": s.completion_tokens_saved,
         "cost_saved_usd": s.cost_saved_usd,
+        "cost_saved_net_usd": s.cost_saved_net_usd(),
+        "judge": judge_json(&state, &s),
         "unpriced_models": s.unpriced_models(),
         "latency_saved_ms": s.latency_saved_ms,
         "entries": state.cache.len(),
@@ -327,6 +355,68 @@ fn prometheus_text(s: &Snapshot, live: &Live) -> String {
         "counter",
         "Upstream cost of the answers served from the cache, for models with a known price.",
         &plain(s.cost_saved_usd),
+    );
+    let j = &s.judge;
+    family(
+        "semcache_judge_calls_total",
+        "counter",
+        "Calls to the judge model, by outcome (a failed call is a miss).",
+        &[
+            ("{outcome=\"approved\"}".to_owned(), j.approved as f64),
+            ("{outcome=\"rejected\"}".to_owned(), j.rejected as f64),
+            ("{outcome=\"failed\"}".to_owned(), j.failed() as f64),
+        ],
+    );
+    family(
+        "semcache_judge_failures_total",
+        "counter",
+        "Judge calls that gave no verdict, by kind.",
+        &j.failures
+            .iter()
+            .map(|(kind, count)| (format!("{{kind=\"{kind}\"}}"), *count as f64))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        "semcache_judge_remembered_total",
+        "counter",
+        "Verdicts used again for a request the judge had ruled on before, without a call.",
+        &plain(j.remembered as f64),
+    );
+    family(
+        "semcache_judge_hits_total",
+        "counter",
+        "Semantic hits by what vouched for them: the judge, or the entry's learned bound.",
+        &[
+            ("{vouched=\"judge\"}".to_owned(), j.judged_hits as f64),
+            ("{vouched=\"learned\"}".to_owned(), j.learned_hits as f64),
+        ],
+    );
+    family(
+        "semcache_judge_passed_over_total",
+        "counter",
+        "Candidates passed over without a judge call: their entry's verdicts said no.",
+        &plain(j.passed_over as f64),
+    );
+    family(
+        "semcache_judge_tokens_total",
+        "counter",
+        "Tokens the judge calls used.",
+        &[
+            ("{kind=\"prompt\"}".to_owned(), j.prompt_tokens as f64),
+            ("{kind=\"completion\"}".to_owned(), j.completion_tokens as f64),
+        ],
+    );
+    family(
+        "semcache_judge_cost_dollars_total",
+        "counter",
+        "Cost of the judge calls, for a judge model with a known price.",
+        &plain(j.cost_usd),
+    );
+    family(
+        "semcache_judge_latency_seconds_total",
+        "counter",
+        "Time spent waiting for the judge; divided by the calls, the latency it adds.",
+        &plain(j.latency_ms / 1000.0),
     );
     family(
         "semcache_latency_saved_seconds_total",

@@ -107,6 +107,9 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 /// Hit counts, last-hit times, feedback-raised thresholds (f32 bits) and wrong-answer reports,
 /// apart from the entries so that updating them rewrites 32 bytes, not a whole record.
 const USAGE: TableDefinition<u64, (u64, u64, u64, u64)> = TableDefinition::new("usage");
+/// The judge's verdicts on an entry (postcard), apart from the entries like `USAGE`: a table
+/// added without a new format version, since a store without it simply has no verdicts.
+const VERDICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("verdicts");
 
 /// What changes about an entry after it is stored: its hit counts and feedback.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -202,6 +205,11 @@ pub enum Op {
         id: u64,
         counts: Counts,
     },
+    /// The judge's verdicts on an entry, as they are now.
+    Judged {
+        id: u64,
+        verdicts: Box<crate::judge::Verdicts>,
+    },
 }
 
 pub struct Store {
@@ -276,6 +284,7 @@ impl Store {
             let mut meta = txn.open_table(META).map_err(db_error)?;
             let entries = txn.open_table(ENTRIES).map_err(db_error)?;
             txn.open_table(USAGE).map_err(db_error)?;
+            txn.open_table(VERDICTS).map_err(db_error)?;
             let found = meta.get("format_version").map_err(db_error)?.map(|v| v.value());
             match found {
                 Some(FORMAT_VERSION) => {}
@@ -413,6 +422,7 @@ impl Store {
         let txn = self.db.begin_read().map_err(db_error)?;
         let entries = txn.open_table(ENTRIES).map_err(db_error)?;
         let usage = txn.open_table(USAGE).map_err(db_error)?;
+        let verdicts = txn.open_table(VERDICTS).map_err(db_error)?;
         let total = entries.len().map_err(db_error)? as usize;
         let mut loaded = Loaded::with_capacity(total);
         for (done, row) in entries.iter().map_err(db_error)?.enumerate() {
@@ -422,6 +432,10 @@ impl Store {
                 Record::decode(bytes.value()).map_err(|message| Error::Decode { id, message })?;
             if let Some(counts) = usage.get(id).map_err(db_error)? {
                 Counts::apply(counts.value(), &mut record);
+            }
+            if let Some(bytes) = verdicts.get(id).map_err(db_error)? {
+                // Verdicts that no longer read are only lost learning: the judge is asked again.
+                record.verdicts = postcard::from_bytes(bytes.value()).unwrap_or_default();
             }
             loaded.push(record, total);
             progress(done + 1, total);
@@ -435,6 +449,7 @@ impl Store {
         {
             let mut entries = txn.open_table(ENTRIES).map_err(db_error)?;
             let mut usage = txn.open_table(USAGE).map_err(db_error)?;
+            let mut verdicts = txn.open_table(VERDICTS).map_err(db_error)?;
             for op in ops {
                 match op {
                     Op::Put(record) => {
@@ -444,10 +459,24 @@ impl Store {
                         usage
                             .insert(record.id, Counts::of(record).row())
                             .map_err(db_error)?;
+                        if record.verdicts.is_empty() {
+                            verdicts.remove(record.id).map_err(db_error)?;
+                        } else {
+                            let bytes =
+                                postcard::to_stdvec(&record.verdicts).expect("verdicts always encode");
+                            verdicts.insert(record.id, bytes.as_slice()).map_err(db_error)?;
+                        }
                     }
                     Op::Delete(id) => {
                         entries.remove(id).map_err(db_error)?;
                         usage.remove(id).map_err(db_error)?;
+                        verdicts.remove(id).map_err(db_error)?;
+                    }
+                    Op::Judged { id, verdicts: judged } => {
+                        if entries.get(id).map_err(db_error)?.is_some() {
+                            let bytes = postcard::to_stdvec(judged.as_ref()).expect("verdicts always encode");
+                            verdicts.insert(id, bytes.as_slice()).map_err(db_error)?;
+                        }
                     }
                     Op::Touch { id, counts: changed } => {
                         // A touch for an entry deleted in the meantime must not resurrect it.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{Digest32, ExactKey, Fingerprint, TenantId};
 use crate::context::Context;
+use crate::judge::Verdicts;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -30,6 +31,11 @@ pub struct Record {
     /// The conversation an entry was stored in, for entries stored in the semantic context
     /// mode with earlier turns (format version 2; absent in version 1 records).
     pub context: Option<RecordContext>,
+    /// The judge's verdicts on the entry. Not part of the record's bytes: the redb store keeps
+    /// them in a table of their own, rewritten at each verdict (the shared store does not keep
+    /// them yet).
+    #[serde(skip)]
+    pub verdicts: Verdicts,
 }
 
 /// What an entry stored in a conversation keeps of it.
@@ -83,6 +89,7 @@ impl From<RecordV1> for Record {
             own_threshold: v1.own_threshold,
             wrong_reports: v1.wrong_reports,
             context: None,
+            verdicts: Verdicts::default(),
         }
     }
 }
@@ -136,6 +143,7 @@ impl Record {
             own_threshold: 0.0,
             wrong_reports: 0,
             context: None,
+            verdicts: Verdicts::default(),
         }
     }
 }

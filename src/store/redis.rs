@@ -962,6 +962,7 @@ async fn drain(store: Weak<RedisStore>, mut queued: mpsc::UnboundedReceiver<Queu
                         tracing::warn!(error = %err, entry = id, "feedback not saved to the shared store");
                     }
                 }
+                Queued::Op(Op::Judged { .. }) => {}
                 Queued::Op(Op::Put(record)) => {
                     if let Err(err) = store.put(&record).await {
                         tracing::warn!(error = %err, entry = record.id, "entry not saved to the shared store");
@@ -991,10 +992,11 @@ impl EntryStore for RedisStore {
 
     fn submit(&self, op: Op) {
         // Hit counts are kept in Redis by every hit's confirmation; only feedback is sent.
-        if let Op::Touch { counts, .. } = &op {
-            if counts.own_threshold == 0.0 && counts.wrong_reports == 0 {
-                return;
-            }
+        match &op {
+            Op::Touch { counts, .. } if counts.own_threshold == 0.0 && counts.wrong_reports == 0 => return,
+            // Verdicts stay on the node that got them, for now (see `Record::verdicts`).
+            Op::Judged { .. } => return,
+            _ => {}
         }
         let _ = self.queue.send(Queued::Op(op));
     }

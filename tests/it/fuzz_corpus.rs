@@ -55,6 +55,7 @@ fn a_real_record_round_trips() {
         own_threshold: 0.9,
         wrong_reports: 1,
         context: None,
+        verdicts: Default::default(),
     };
     fuzzing::record(&record.encode());
     let mut truncated = record.encode();

@@ -13,6 +13,7 @@ mod faults;
 mod fingerprint;
 mod fuzz_corpus;
 mod hardening;
+mod judge;
 mod overload;
 mod proxy;
 mod quality;
