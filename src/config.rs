@@ -116,6 +116,54 @@ pub struct EvalOptions {
     /// TrueType font for the plot's labels (a system font is looked for otherwise).
     #[arg(long)]
     pub font: Option<PathBuf>,
+
+    /// Also serve the queries through the judge named by --judge-model (at --judge-upstream,
+    /// by default the OpenAI API with OPENAI_API_KEY), against the verifier alone.
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+
+    /// Also serve them through a judge simulated from the labels, right this share of the
+    /// time, one row per value: e.g. 0.90,0.95,0.99.
+    #[arg(long, value_delimiter = ',')]
+    pub judge_simulated: Vec<f64>,
+}
+
+/// The judge's API when an eval names a model without --judge-upstream.
+pub const DEFAULT_JUDGE_API: &str = "https://api.openai.com/v1";
+
+impl EvalOptions {
+    /// Whether the eval is to run through a judge too.
+    pub fn judged(&self) -> bool {
+        self.judge.judge_model.is_some() || !self.judge_simulated.is_empty()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.judge.validate()?;
+        if let Some(accuracy) = self
+            .judge_simulated
+            .iter()
+            .find(|accuracy| !(0.0..=1.0).contains(*accuracy))
+        {
+            return Err(format!(
+                "--judge-simulated takes shares within [0, 1], got {accuracy}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The judge's policy (also for simulated judges).
+    pub fn judge_policy(&self) -> crate::judge::Policy {
+        crate::judge::Policy {
+            floor: self.judge.judge_floor,
+            max_error: self.judge.judge_max_error,
+        }
+    }
+
+    /// The real judge's settings, when --judge-model names one.
+    pub fn judge_config(&self) -> Option<crate::judge::Config> {
+        let key = std::env::var("OPENAI_API_KEY").ok();
+        self.judge.config(DEFAULT_JUDGE_API, key.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Parser)]

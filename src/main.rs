@@ -10,6 +10,7 @@ use semcache::config::{
 };
 use semcache::embed::{self, Embedder};
 use semcache::eval;
+use semcache::judge::Judge;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -55,6 +56,7 @@ fn plot_or_json(
 }
 
 async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
+    options.validate().map_err(anyhow::Error::msg)?;
     let pairs = eval::sample(eval::read_pairs(file)?, options.sample, options.seed);
     let embedder = load_model(&options.model).await?;
     let grid = options.thresholds.clone().with(options.threshold);
@@ -74,10 +76,38 @@ async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     if let Some(summary) = eval::verifier_summary(&report, options.threshold) {
         println!("\n{summary}");
     }
+    if options.judged() {
+        let judges = judges(options, eval::pairs_truth(&pairs))?;
+        let rows = eval::judge_pairs(&embedder, &pairs, options.threshold, &judges).await?;
+        print!(
+            "\n{}",
+            eval::judged_table(&rows, options.threshold, &options.judge_policy())
+        );
+    }
     Ok(())
 }
 
+/// The judges an eval runs through: none first (the verifier alone), then the real judge if
+/// one is named, then each simulated one.
+fn judges(options: &EvalOptions, truth: eval::Truth) -> anyhow::Result<Vec<Option<Judge>>> {
+    let mut judges = vec![None];
+    if let Some(config) = options.judge_config() {
+        judges.push(Some(Judge::over_http(&config).context("the judge's address")?));
+    }
+    for &accuracy in &options.judge_simulated {
+        let policy = options.judge_policy();
+        judges.push(Some(eval::simulated(
+            Arc::clone(&truth),
+            accuracy,
+            options.seed,
+            policy,
+        )));
+    }
+    Ok(judges)
+}
+
 async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyhow::Result<()> {
+    options.validate().map_err(anyhow::Error::msg)?;
     let stored = eval::read_intents(train)?;
     let asked = eval::sample(eval::read_intents(test)?, options.sample, options.seed);
     let embedder = load_model(&options.model).await?;
@@ -95,11 +125,24 @@ async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyho
         test.display()
     );
     print!("{}", eval::intents_table(&report, options.threshold));
+    if options.judged() {
+        let judges = judges(options, eval::intents_truth(&stored, &asked))?;
+        let rows = eval::judge_intents(&embedder, &stored, &asked, options.threshold, &judges).await?;
+        print!(
+            "\n{}",
+            eval::judged_table(&rows, options.threshold, &options.judge_policy())
+        );
+    }
     Ok(())
 }
 
 async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> {
     let (file, options) = (&args.file, &args.options);
+    options.validate().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        options.judge_simulated.is_empty(),
+        "--judge-simulated needs a label per pair of requests, and conversation pairs are labelled as wholes: use --judge-model"
+    );
     let pairs = eval::sample(eval::read_conversations(file)?, options.sample, options.seed);
     let embedder = load_model(&options.model).await?;
     let marked = match args.context {
@@ -124,6 +167,13 @@ async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> 
         report.context
     );
     print!("{}", eval::conversations_table(&report, marked));
+    if options.judged() {
+        let truth: eval::Truth = Arc::new(|_: &str, _: &str| false);
+        let semantic = args.context == ContextMode::Semantic;
+        let judges = judges(options, truth)?;
+        let rows = eval::judge_conversations(&embedder, &pairs, semantic, marked, &judges).await?;
+        print!("\n{}", eval::judged_table(&rows, marked, &options.judge_policy()));
+    }
     Ok(())
 }
 

@@ -11,14 +11,16 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use super::judged::serve_all;
 use super::{
     answer, bold_at, embed_all, look_up_all, percent, ratio, same_threshold, served_at, verified_and_plain,
-    AtThreshold, Grid, Series,
+    AtThreshold, Grid, JudgedRow, Series,
 };
 use crate::cache::{Cache, Digest32, Fingerprint, RequestKey, TenantId};
 use crate::context::{self, Context};
 use crate::embed::cosine;
 use crate::embed::{Embedder, Error as EmbedError};
+use crate::judge::{self, Judge, Question};
 use crate::openai::ChatRequest;
 
 /// What a pair tests.
@@ -182,6 +184,16 @@ pub async fn eval_conversations(
     pairs: &[ConversationPair],
     grid: &Grid,
 ) -> Result<ConversationsReport, EmbedError> {
+    let (cache, queries, item_of) = exact_cache(embedder, pairs).await?;
+    let outcomes = look_up_all(&cache, &queries, &item_of, grid.lowest());
+    Ok(report_of(pairs, grid, &outcomes, None, "exact"))
+}
+
+/// Entries for queries, as the stored sides are and the asked sides look them up (keyed as
+/// the server keys chat requests), and the pair each entry id is.
+type Loaded = (Cache, Vec<(RequestKey, Vec<f32>)>, HashMap<u64, usize>);
+
+async fn exact_cache(embedder: &Arc<dyn Embedder>, pairs: &[ConversationPair]) -> Result<Loaded, EmbedError> {
     let key_of = |i: usize, messages: &[serde_json::Value]| {
         let body = serde_json::to_vec(&ConversationPair::request(messages)).expect("JSON");
         let input = ChatRequest::parse(&body)
@@ -213,8 +225,69 @@ pub async fn eval_conversations(
         item_of.insert(entry.id, i);
         queries.push((asked, b.expect("two vectors per pair")));
     }
-    let outcomes = look_up_all(&cache, &queries, &item_of, grid.lowest());
-    Ok(report_of(pairs, grid, &outcomes, None, "exact"))
+    Ok((cache, queries, item_of))
+}
+
+/// The pairs through each judge (`None`: the verifier alone) at `threshold`: in exact mode
+/// through the cache's lookup, in semantic mode through the conversation matcher, the judge
+/// quoting both conversations.
+pub async fn judge_conversations(
+    embedder: &Arc<dyn Embedder>,
+    pairs: &[ConversationPair],
+    semantic: bool,
+    threshold: f32,
+    judges: &[Option<Judge>],
+) -> Result<Vec<JudgedRow>, EmbedError> {
+    let mut rows = Vec::with_capacity(judges.len());
+    if !semantic {
+        for judge in judges {
+            let (cache, queries, item_of) = exact_cache(embedder, pairs).await?;
+            let right = |query: usize, _item: usize| pairs[query].should_hit;
+            rows.push(serve_all(&cache, &queries, &item_of, threshold, judge.as_ref(), &right).await);
+        }
+        return Ok(rows);
+    }
+    let sides: Vec<(usize, Side, Side)> = pairs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, pair)| Some((i, side_of(&pair.stored)?, side_of(&pair.asked)?)))
+        .collect();
+    let texts: Vec<String> = sides
+        .iter()
+        .flat_map(|(_, stored, asked)| [stored, asked].map(|side| side.analysed.context.compared_text()))
+        .collect();
+    let vectors = embed_all(embedder, texts).await?;
+    for judge in judges {
+        let mut row = JudgedRow::new(judge.as_ref(), pairs.len());
+        for (n, (i, stored, asked)) in sides.iter().enumerate() {
+            let similarity = cosine(&vectors[2 * n], &vectors[2 * n + 1]);
+            if context::check(&stored.analysed, &asked.analysed).is_err() {
+                continue;
+            }
+            let served = match judge {
+                None => similarity >= threshold,
+                Some(judge) if similarity >= judge.policy.floor => {
+                    let (stored, asked) = (&stored.analysed.context, &asked.analysed.context);
+                    let question = Question {
+                        stored: judge::request_of("", Some(stored)),
+                        stored_context: Some(stored),
+                        asked: judge::request_of("", Some(asked)),
+                        asked_context: Some(asked),
+                    };
+                    let ruling = judge.ask(&question, None).await;
+                    row.count(&ruling);
+                    ruling.approved()
+                }
+                Some(_) => false,
+            };
+            if served {
+                row.hits += 1;
+                row.wrong += usize::from(!pairs[*i].should_hit);
+            }
+        }
+        rows.push(row.finish());
+    }
+    Ok(rows)
 }
 
 /// The per-threshold rows of pairs whose outcomes are known.

@@ -8,6 +8,7 @@
 
 mod conversations;
 mod data;
+mod judged;
 mod plot;
 
 use std::collections::HashMap;
@@ -20,9 +21,13 @@ use serde::Serialize;
 
 pub use conversations::{
     conversations_series, conversations_table, eval_conversations, eval_conversations_semantic,
-    read_conversations, ConversationPair, ConversationsReport, ConversationsRow, Kind,
+    judge_conversations, read_conversations, ConversationPair, ConversationsReport, ConversationsRow, Kind,
 };
 pub use data::{read_intents, read_pairs, sample, Intent, Pair};
+pub use judged::{
+    intents_truth, judge_intents, judge_pairs, judged_table, pairs_truth, simulated, JudgedRow, Simulated,
+    Truth,
+};
 pub use plot::{plot, Series};
 
 use crate::cache::{Answer, Cache, Criteria, Digest32, Fingerprint, Lookup, RequestKey, TenantId, Usage};
