@@ -47,7 +47,7 @@ if (!Number.isFinite(newThreshold) || newThreshold < 0 || newThreshold > 1) usag
 const consoleErrors = [];
 const failedRequests = [];
 const problems = [];
-const result = { requests: null, hits: null, threshold: null, feedback: null, surfaces: null };
+const result = { requests: null, hits: null, threshold: null, feedback: null, surfaces: null, judge: null };
 let collecting = true;
 
 const watchdog = setTimeout(() => {
@@ -123,6 +123,16 @@ try {
   result.surfaces = await page.$$eval('#surfaces-table tbody tr', (rows) =>
     rows.map((row) => Array.from(row.cells).map((cell) => cell.textContent.trim())),
   );
+  // The judge's card: shown only when the service has a judge.
+  result.judge = await page.$eval('#judge', (card) =>
+    card.hidden
+      ? null
+      : {
+          calls: document.getElementById('judge-calls').textContent.trim(),
+          line: document.getElementById('judge-line').textContent.trim(),
+          cost: document.getElementById('judge-cost').textContent.trim(),
+        },
+  );
   for (const id of ['tokens-saved', 'entries']) {
     if ((await readInt(page, `#${id}`)) === null) problems.push(`#${id} does not show a plain integer`);
   }
@@ -176,6 +186,7 @@ process.stdout.write(
     requests: result.requests,
     hits: result.hits,
     surfaces: result.surfaces,
+    judge: result.judge,
     threshold: result.threshold,
     feedback: result.feedback,
     console_errors: consoleErrors,

@@ -1,5 +1,6 @@
 //! The dashboard in a real headless Chromium (Debian's, driven by playwright-core): it loads
-//! with no console errors, shows live numbers (a row per surface too), its threshold control
+//! with no console errors, shows live numbers (a row per surface too, and the judge's card), its
+//! threshold control
 //! changes the config, and its "Wrong" button reports an answer.
 //! `make test` installs what it needs (`tests/browser/setup`).
 
@@ -7,12 +8,18 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::support::{chat_body, Semcache, TestUpstream};
+use crate::judge::{with_judge, TestJudge};
+use crate::support::{chat_body, TestUpstream};
+
+const PASSWORD: &str = "How do I reset my password?";
+const PASSWORD_AGAIN: &str = "How can I reset my password?";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     let upstream = TestUpstream::start().await;
-    let semcache = Semcache::start(&upstream).await;
+    // With a judge that calls the two password questions the same: its card shows the one call.
+    let judge = TestJudge::start(&[&[PASSWORD, PASSWORD_AGAIN]]).await;
+    let semcache = with_judge(&upstream, &judge, 5_000).await;
     // One legacy completion, first so that the newest entry stays a chat's: a row of its own
     // under "By surface".
     let completion = semcache
@@ -24,8 +31,8 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
         .unwrap();
     assert_eq!(completion.status(), 200);
     for prompt in [
-        "How do I reset my password?",
-        "How can I reset my password?",
+        PASSWORD,
+        PASSWORD_AGAIN,
         "What is the capital of Australia?",
     ] {
         semcache.chat(&chat_body(prompt)).await;
@@ -68,6 +75,16 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
         "{report}"
     );
     assert_eq!(report["console_errors"], serde_json::json!([]));
+    // The judge was asked about the paraphrase once and said yes; asked again, the paraphrase
+    // was served on that verdict.
+    let card = &report["judge"];
+    assert_eq!(card["calls"], "1 call", "{report}");
+    let line = card["line"].as_str().unwrap_or_default();
+    assert!(
+        line.starts_with("1 approved · 0 rejected · 0 failed · 1 verdict reused · 2 hits vouched by the judge"),
+        "{report}"
+    );
+    assert!(card["cost"].as_str().unwrap_or_default().contains("judge tokens"), "{report}");
 
     // The newest entry's "Wrong" button: that answer was only ever served word for word, so a
     // wrong report evicts it.

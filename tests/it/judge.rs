@@ -44,13 +44,13 @@ struct JudgeState {
     authorizations: Mutex<Vec<String>>,
 }
 
-struct TestJudge {
+pub(crate) struct TestJudge {
     addr: SocketAddr,
     state: Arc<JudgeState>,
 }
 
 impl TestJudge {
-    async fn start(same: &[&[&str]]) -> Self {
+    pub(crate) async fn start(same: &[&[&str]]) -> Self {
         let state = Arc::new(JudgeState {
             same: same
                 .iter()
@@ -170,7 +170,7 @@ fn ask(prompt: &str) -> Value {
     json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]})
 }
 
-async fn with_judge(upstream: &TestUpstream, judge: &TestJudge, timeout_ms: u64) -> Semcache {
+pub(crate) async fn with_judge(upstream: &TestUpstream, judge: &TestJudge, timeout_ms: u64) -> Semcache {
     let url = judge.base_url();
     Semcache::start_with(upstream, |args| {
         args.judge.judge_model = Some(JUDGE_MODEL.to_owned());
