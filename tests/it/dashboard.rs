@@ -30,11 +30,7 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
         .await
         .unwrap();
     assert_eq!(completion.status(), 200);
-    for prompt in [
-        PASSWORD,
-        PASSWORD_AGAIN,
-        "What is the capital of Australia?",
-    ] {
+    for prompt in [PASSWORD, PASSWORD_AGAIN, "What is the capital of Australia?"] {
         semcache.chat(&chat_body(prompt)).await;
         semcache.chat(&chat_body(prompt)).await;
     }
@@ -81,10 +77,15 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
     assert_eq!(card["calls"], "1 call", "{report}");
     let line = card["line"].as_str().unwrap_or_default();
     assert!(
-        line.starts_with("1 approved · 0 rejected · 0 failed · 1 verdict reused · 2 hits vouched by the judge"),
+        line.starts_with(
+            "1 approved · 0 rejected · 0 failed · 1 verdict reused · 2 hits vouched by the judge"
+        ),
         "{report}"
     );
-    assert!(card["cost"].as_str().unwrap_or_default().contains("judge tokens"), "{report}");
+    assert!(
+        card["cost"].as_str().unwrap_or_default().contains("judge tokens"),
+        "{report}"
+    );
 
     // The newest entry's "Wrong" button: that answer was only ever served word for word, so a
     // wrong report evicts it.
