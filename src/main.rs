@@ -38,19 +38,25 @@ async fn load_model(model: &ModelArgs) -> anyhow::Result<Arc<dyn Embedder>> {
     Ok(embedder)
 }
 
-/// Draws the report's curves when `--plot` asks, and prints it as JSON when `--json` does:
-/// then nothing more is printed (returns true).
+/// Draws the report's curves when `--plot` asks, and prints it as JSON when `--json` does,
+/// with the judged rows under `judged` when there are any: then nothing more is printed
+/// (returns true).
 fn plot_or_json(
     options: &EvalOptions,
     title: &str,
     series: &[eval::Series],
     report: &impl serde::Serialize,
+    judged: &[eval::JudgedRow],
 ) -> anyhow::Result<bool> {
     if let Some(path) = &options.plot {
         eval::plot(path, title, series, options.font.as_deref())?;
     }
     if options.json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        let mut value = serde_json::to_value(report)?;
+        if !judged.is_empty() {
+            value["judged"] = serde_json::to_value(judged)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     }
     Ok(options.json)
 }
@@ -61,8 +67,14 @@ async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     let embedder = load_model(&options.model).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_pairs(&embedder, &pairs, &grid).await?;
+    let judged = if options.judged() {
+        let judges = judges(options, eval::pairs_truth(&pairs))?;
+        eval::judge_pairs(&embedder, &pairs, options.threshold, &judges).await?
+    } else {
+        Vec::new()
+    };
     let title = format!("{} ({} pairs)", file.display(), report.pairs);
-    if plot_or_json(options, &title, &eval::pairs_series(&report), &report)? {
+    if plot_or_json(options, &title, &eval::pairs_series(&report), &report, &judged)? {
         return Ok(());
     }
     println!(
@@ -76,15 +88,18 @@ async fn eval_pairs(file: &Path, options: &EvalOptions) -> anyhow::Result<()> {
     if let Some(summary) = eval::verifier_summary(&report, options.threshold) {
         println!("\n{summary}");
     }
-    if options.judged() {
-        let judges = judges(options, eval::pairs_truth(&pairs))?;
-        let rows = eval::judge_pairs(&embedder, &pairs, options.threshold, &judges).await?;
+    print_judged(&judged, options.threshold, options);
+    Ok(())
+}
+
+/// The table of an eval run through judges, when it was.
+fn print_judged(rows: &[eval::JudgedRow], threshold: f32, options: &EvalOptions) {
+    if !rows.is_empty() {
         print!(
             "\n{}",
-            eval::judged_table(&rows, options.threshold, &options.judge_policy())
+            eval::judged_table(rows, threshold, &options.judge_policy())
         );
     }
-    Ok(())
 }
 
 /// The judges an eval runs through: none first (the verifier alone), then the real judge if
@@ -113,8 +128,14 @@ async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyho
     let embedder = load_model(&options.model).await?;
     let grid = options.thresholds.clone().with(options.threshold);
     let report = eval::eval_intents(&embedder, &stored, &asked, &grid).await?;
+    let judged = if options.judged() {
+        let judges = judges(options, eval::intents_truth(&stored, &asked))?;
+        eval::judge_intents(&embedder, &stored, &asked, options.threshold, &judges).await?
+    } else {
+        Vec::new()
+    };
     let title = format!("{} stored, {} asked", report.stored, report.asked);
-    if plot_or_json(options, &title, &eval::intents_series(&report), &report)? {
+    if plot_or_json(options, &title, &eval::intents_series(&report), &report, &judged)? {
         return Ok(());
     }
     println!(
@@ -125,14 +146,7 @@ async fn eval_intents(train: &Path, test: &Path, options: &EvalOptions) -> anyho
         test.display()
     );
     print!("{}", eval::intents_table(&report, options.threshold));
-    if options.judged() {
-        let judges = judges(options, eval::intents_truth(&stored, &asked))?;
-        let rows = eval::judge_intents(&embedder, &stored, &asked, options.threshold, &judges).await?;
-        print!(
-            "\n{}",
-            eval::judged_table(&rows, options.threshold, &options.judge_policy())
-        );
-    }
+    print_judged(&judged, options.threshold, options);
     Ok(())
 }
 
@@ -154,8 +168,23 @@ async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> 
         ContextMode::Exact => eval::eval_conversations(&embedder, &pairs, &grid).await?,
         ContextMode::Semantic => eval::eval_conversations_semantic(&embedder, &pairs, &grid).await?,
     };
+    let judged = if options.judged() {
+        // Only a real judge runs here (refused above otherwise): the labels are not asked.
+        let truth: eval::Truth = Arc::new(|_: &str, _: &str| false);
+        let semantic = args.context == ContextMode::Semantic;
+        let judges = judges(options, truth)?;
+        eval::judge_conversations(&embedder, &pairs, semantic, marked, &judges).await?
+    } else {
+        Vec::new()
+    };
     let title = format!("{} ({} conversation pairs)", file.display(), report.pairs);
-    if plot_or_json(options, &title, &eval::conversations_series(&report), &report)? {
+    if plot_or_json(
+        options,
+        &title,
+        &eval::conversations_series(&report),
+        &report,
+        &judged,
+    )? {
         return Ok(());
     }
     println!(
@@ -167,13 +196,7 @@ async fn eval_conversations(args: &EvalConversationsArgs) -> anyhow::Result<()> 
         report.context
     );
     print!("{}", eval::conversations_table(&report, marked));
-    if options.judged() {
-        let truth: eval::Truth = Arc::new(|_: &str, _: &str| false);
-        let semantic = args.context == ContextMode::Semantic;
-        let judges = judges(options, truth)?;
-        let rows = eval::judge_conversations(&embedder, &pairs, semantic, marked, &judges).await?;
-        print!("\n{}", eval::judged_table(&rows, marked, &options.judge_policy()));
-    }
+    print_judged(&judged, marked, options);
     Ok(())
 }
 

@@ -80,6 +80,69 @@ fn eval_pairs_prints_json_and_draws_a_plot() {
     assert!(png.len() > 10_000, "with curves and labels: {} bytes", png.len());
 }
 
+/// Through a simulated judge that is always right, on the trap suite: no wrong hit, every right
+/// hit the verifier alone serves still served, more from the floor up; the row without a judge
+/// makes no call. The same run twice gives the same rows, but for the time the calls took.
+#[test]
+fn eval_pairs_runs_through_simulated_judges() {
+    let args = ["eval", "pairs", TRAPS, "--json", "--judge-simulated", "1.0,0.9"];
+    let output = semcache_stdout(&args);
+    let report: Value = serde_json::from_slice(&output).unwrap();
+    let rows = report["judged"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|row| row["judge"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "verifier alone",
+            "simulated, 100.0% right",
+            "simulated, 90.0% right"
+        ]
+    );
+    let count = |row: &Value, field: &str| row[field].as_u64().unwrap();
+    let (alone, perfect, noisy) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(count(alone, "judge_calls"), 0, "{alone}");
+    assert!(
+        count(alone, "wrong") > 0,
+        "the suite has traps the verifier serves: {alone}"
+    );
+    assert_eq!(count(perfect, "wrong"), 0, "{perfect}");
+    assert!(
+        count(perfect, "hits") > count(alone, "hits") - count(alone, "wrong"),
+        "{perfect} against {alone}"
+    );
+    assert!(
+        count(perfect, "judge_calls") >= count(perfect, "hits"),
+        "{perfect}"
+    );
+    assert_eq!(
+        count(noisy, "judge_calls"),
+        count(perfect, "judge_calls"),
+        "{noisy}"
+    );
+    assert!(count(perfect, "judge_prompt_tokens") > 0, "{perfect}");
+    // Everything but the time the calls took.
+    let timeless = |report: &Value| {
+        let mut rows = report["judged"].clone();
+        for row in rows.as_array_mut().unwrap() {
+            row.as_object_mut().unwrap().remove("judge_mean_latency_ms");
+        }
+        rows
+    };
+    let again: Value = serde_json::from_slice(&semcache_stdout(&args)).unwrap();
+    assert_eq!(timeless(&again), timeless(&report));
+
+    let refused = semcache(&["eval", "pairs", TRAPS, "--judge-simulated", "1.5"]);
+    assert!(!refused.status.success());
+    let bad_conversations = semcache(&[
+        "eval",
+        "conversations",
+        "tests/data/conversations.jsonl",
+        "--judge-simulated",
+        "0.9",
+    ]);
+    assert!(!bad_conversations.status.success());
+}
+
 #[test]
 fn eval_intents_reports_wrong_answers_by_intent() {
     let guard = RemovedOnDrop(fresh_data_dir());
