@@ -25,13 +25,16 @@ pub enum Surface {
     Completions,
     /// Matched item by item, word for word only (`cache::ItemsProtocol`).
     Embeddings,
+    /// The Responses API, matched by meaning like chat (`openai::Responses`).
+    Responses,
 }
 
 impl Surface {
-    pub const ALL: [Surface; 3] = [
+    pub const ALL: [Surface; 4] = [
         Surface::ChatCompletions,
         Surface::Completions,
         Surface::Embeddings,
+        Surface::Responses,
     ];
 
     /// Its name in `/stats`, `/metrics` and the dashboard.
@@ -40,6 +43,7 @@ impl Surface {
             Surface::ChatCompletions => "chat_completions",
             Surface::Completions => "completions",
             Surface::Embeddings => "embeddings",
+            Surface::Responses => "responses",
         }
     }
 }
@@ -58,6 +62,18 @@ pub trait Protocol: Send + Sync + 'static {
     /// What the cache keys on, or `None` when the answer to this request must not be cached
     /// at all (nothing to key on, several answers asked for): it is then forwarded as it is.
     fn cache_input(&self, request: &Self::Request) -> Option<CacheInput>;
+
+    /// Why a request is forwarded without the cache although it could otherwise be keyed
+    /// (it depends on state kept upstream): the `x-semcache-bypass` header of its reply.
+    fn bypass_reason(&self, _request: &Self::Request) -> Option<&'static str> {
+        None
+    }
+
+    /// The client's body as the upstream must see it, hit or not: the same bytes unless the
+    /// request names something semcache minted (the Responses API's ids of a hit).
+    fn upstream_body(&self, _request: &Self::Request, body: Bytes) -> Bytes {
+        body
+    }
 
     /// The model asked for, for the figures.
     fn model<'a>(&self, request: &'a Self::Request) -> &'a str;

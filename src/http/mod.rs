@@ -72,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/responses", post(openai::responses))
         .route("/v1/{*rest}", any(openai::forward))
         .route_layer(middleware::from_fn_with_state(state.clone(), admission::admit));
     Router::new()

@@ -1,5 +1,5 @@
-//! The OpenAI-compatible routes: cached chat completions, legacy completions and embeddings,
-//! and plain forwarding of the rest.
+//! The OpenAI-compatible routes: cached chat completions, legacy completions, responses and
+//! embeddings, and plain forwarding of the rest.
 //!
 //! Each cached surface is converted here and nothing more: wire format and headers to a
 //! [`CacheRequest`], and the core's [`Served`] back to a response. The flow itself (lookup,
@@ -26,7 +26,7 @@ use crate::cache::{
     Replay, Served, ServedBody, TenantId,
 };
 use crate::openai::embeddings::{self, Embeddings, EmbeddingsRequest};
-use crate::openai::{ChatCompletions, Completions};
+use crate::openai::{responses, ChatCompletions, Completions, Responses};
 use crate::settings::Settings;
 use crate::upstream::FORWARDED_RESPONSE_HEADERS;
 
@@ -35,6 +35,8 @@ const X_SIMILARITY: HeaderName = HeaderName::from_static("x-semcache-similarity"
 const X_ENTRY: HeaderName = HeaderName::from_static("x-semcache-entry");
 /// On a hit the judge approved, `yes`; on one its entry's learned bound let through, `learned`.
 const X_JUDGED: HeaderName = HeaderName::from_static("x-semcache-judged");
+/// Why a request that could have been cached was forwarded as it is.
+const X_BYPASS: HeaderName = HeaderName::from_static("x-semcache-bypass");
 const X_THRESHOLD: &str = "x-semcache-threshold";
 const X_CACHED_ITEMS: HeaderName = HeaderName::from_static("x-semcache-cached-items");
 /// Answers belong to one tenant: no shared HTTP cache in front of semcache may keep them.
@@ -145,6 +147,15 @@ pub async fn completions(
     cached(&Completions, state, headers, body).await
 }
 
+/// `POST /v1/responses`, the Responses API.
+pub async fn responses(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    cached(&Responses, state, headers, body).await
+}
+
 /// `POST /v1/embeddings`: each text of the input cached on its own, word for word; a batch
 /// partly cached sends only the rest upstream, and `usage` counts only what was sent.
 /// `x-semcache` is `hit` when every item came from the cache, and `x-semcache-cached-items`
@@ -239,6 +250,7 @@ async fn cached<P: Protocol>(
     let started = Instant::now();
     let (tenant, bytes, request, controls) =
         prepare(&state, &headers, body, |bytes| protocol.parse(bytes)).await?;
+    let bytes = protocol.upstream_body(&request, bytes);
     let credential = headers.get(http::header::AUTHORIZATION).cloned();
     let upstream = Arc::clone(&state.upstream);
     let path = protocol.upstream_path();
@@ -320,6 +332,13 @@ fn respond<P: Protocol>(protocol: &P, request: &P::Request, served: Served) -> R
                     response
                 }
             };
+            if outcome == Outcome::Bypass {
+                if let Some(reason) = protocol.bypass_reason(request) {
+                    response
+                        .headers_mut()
+                        .insert(X_BYPASS, HeaderValue::from_static(reason));
+                }
+            }
             if let Some(entry_id) = entry {
                 // The new entry's id, so that feedback can name the answer this client got.
                 response
@@ -418,6 +437,9 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Result<
     confined(parts.uri.path())?;
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let path_and_query = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
+    // A response semcache served is known upstream by the id it came with.
+    let translated = upstream_response_path(path_and_query);
+    let path_and_query = translated.as_deref().unwrap_or(path_and_query);
     // Read whole already (`body::buffered`): this takes it, with its length.
     let body = read_body(body, state.body_limits.max_bytes).await?;
     let reply = state
@@ -437,6 +459,15 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Result<
     }
     *forwarded.body_mut() = Body::from_stream(reply.body);
     Ok(forwarded)
+}
+
+/// `/responses/{id}…` with the upstream's id in place of one semcache minted for a hit, or
+/// `None` when the path names no such id.
+fn upstream_response_path(path_and_query: &str) -> Option<String> {
+    let rest = path_and_query.strip_prefix("/responses/")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let original = responses::upstream_id(&rest[..end])?;
+    Some(format!("/responses/{original}{}", &rest[end..]))
 }
 
 /// Refuses a path that could leave the upstream's base path once the upstream, or a proxy in

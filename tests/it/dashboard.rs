@@ -66,7 +66,8 @@ async fn the_dashboard_shows_live_numbers_and_tunes_the_threshold() {
         [
             ["chat_completions", "6", "67%"],
             ["completions", "1", "0%"],
-            ["embeddings", "0", "–"]
+            ["embeddings", "0", "–"],
+            ["responses", "0", "–"]
         ],
         "{report}"
     );

@@ -17,6 +17,7 @@ mod judge;
 mod overload;
 mod proxy;
 mod quality;
+mod responses;
 mod sdk;
 mod secrets;
 mod shutdown;

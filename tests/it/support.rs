@@ -42,6 +42,7 @@ pub enum Mode {
 struct UpstreamState {
     chat_calls: AtomicUsize,
     completion_calls: AtomicUsize,
+    response_calls: AtomicUsize,
     /// The `input` of every call to `/v1/embeddings`, in order.
     embedding_inputs: Mutex<Vec<Value>>,
     other_calls: AtomicUsize,
@@ -63,6 +64,7 @@ impl TestUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completion))
+            .route("/v1/responses", post(response))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .fallback(stray)
@@ -84,6 +86,11 @@ impl TestUpstream {
     /// Calls to `/v1/completions` (legacy completions).
     pub fn completion_calls(&self) -> usize {
         self.state.completion_calls.load(Ordering::SeqCst)
+    }
+
+    /// Calls to `/v1/responses` (the Responses API).
+    pub fn response_calls(&self) -> usize {
+        self.state.response_calls.load(Ordering::SeqCst)
     }
 
     /// The `input` of every call to `/v1/embeddings`, in order.
@@ -265,6 +272,145 @@ async fn completion(State(state): State<Arc<UpstreamState>>, Json(body): Json<Va
         frames.push(Err(std::io::Error::other("connection reset by test upstream")));
     } else {
         frames.push(Ok(Bytes::from("data: [DONE]\n\n")));
+    }
+    let stream = futures::stream::iter(frames).then(|frame| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        frame
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+/// The Responses API: "Response #n to: prompt" as one message, or a call of the first tool
+/// when tools are given. `Mode::UnfinishedStream` makes the response `incomplete` (streamed
+/// or not); streamed, it arrives as the API sends it, the text in two deltas.
+async fn response(State(state): State<Arc<UpstreamState>>, Json(body): Json<Value>) -> Response {
+    let call = state.response_calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let mode = state.mode.lock().unwrap_or(Mode::Normal);
+    if let Mode::Status(code) = mode {
+        return refusal(code);
+    }
+    let prompt = match &body["input"] {
+        Value::String(text) => text.clone(),
+        Value::Array(items) => items
+            .iter()
+            .rev()
+            .find(|item| item["role"] == "user")
+            .map(|item| match &item["content"] {
+                Value::String(text) => text.clone(),
+                parts => parts
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|part| part["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    let id = format!("resp_up{call}");
+    let text = format!("Response #{call} to: {prompt}");
+    let item = match body["tools"].as_array().and_then(|tools| tools.first()) {
+        Some(tool) => json!({
+            "type": "function_call", "id": format!("fc_up{call}"), "call_id": format!("call_up{call}"),
+            "name": tool["name"], "arguments": json!({"query": prompt}).to_string(), "status": "completed"
+        }),
+        None => json!({
+            "type": "message", "id": format!("msg_up{call}"), "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+        }),
+    };
+    let incomplete = mode == Mode::UnfinishedStream;
+    let whole = json!({
+        "id": id, "object": "response", "created_at": 1_700_000_000,
+        "status": if incomplete { "incomplete" } else { "completed" },
+        "error": null,
+        "incomplete_details": if incomplete { json!({"reason": "max_output_tokens"}) } else { Value::Null },
+        "instructions": body.get("instructions").cloned().unwrap_or(Value::Null),
+        "model": body["model"], "output": [item],
+        "parallel_tool_calls": true, "previous_response_id": body.get("previous_response_id").cloned().unwrap_or(Value::Null),
+        "store": true, "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+        "tools": body.get("tools").cloned().unwrap_or(json!([])), "top_p": 1.0, "truncation": "disabled",
+        "usage": {"input_tokens": 6, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": 10, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 16},
+        "user": null, "metadata": body.get("metadata").cloned().unwrap_or(json!({}))
+    });
+    if body["stream"] != json!(true) {
+        return Json(whole).into_response();
+    }
+    let mut started = whole.clone();
+    started["status"] = json!("in_progress");
+    started["output"] = json!([]);
+    started["usage"] = Value::Null;
+    let mut events = vec![
+        json!({"type": "response.created", "response": started}),
+        json!({"type": "response.in_progress", "response": started}),
+    ];
+    let at = json!({"item_id": item["id"], "output_index": 0});
+    let with = |mut fields: Value| {
+        for (key, value) in at.as_object().unwrap() {
+            fields[key] = value.clone();
+        }
+        fields
+    };
+    if item["type"] == "message" {
+        let mut added = item.clone();
+        added["status"] = json!("in_progress");
+        added["content"] = json!([]);
+        let (head, tail) = text.split_at(text.len() / 2);
+        let part =
+            |text: &str| json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+        events.extend([
+            json!({"type": "response.output_item.added", "output_index": 0, "item": added}),
+            with(json!({"type": "response.content_part.added", "content_index": 0, "part": part("")})),
+            with(json!({"type": "response.output_text.delta", "content_index": 0, "delta": head, "logprobs": []})),
+            with(json!({"type": "response.output_text.delta", "content_index": 0, "delta": tail, "logprobs": []})),
+            with(json!({"type": "response.output_text.done", "content_index": 0, "text": text, "logprobs": []})),
+            with(json!({"type": "response.content_part.done", "content_index": 0, "part": part(&text)})),
+        ]);
+    } else {
+        let mut added = item.clone();
+        added["status"] = json!("in_progress");
+        added["arguments"] = json!("");
+        events.extend([
+            json!({"type": "response.output_item.added", "output_index": 0, "item": added}),
+            with(json!({"type": "response.function_call_arguments.delta", "delta": item["arguments"]})),
+            with(json!({"type": "response.function_call_arguments.done", "arguments": item["arguments"]})),
+        ]);
+    }
+    events.push(json!({"type": "response.output_item.done", "output_index": 0, "item": item}));
+    let terminal = if incomplete {
+        "response.incomplete"
+    } else {
+        "response.completed"
+    };
+    events.push(json!({"type": terminal, "response": whole}));
+    let mut frames: Vec<Result<Bytes, std::io::Error>> = events
+        .iter_mut()
+        .enumerate()
+        .map(|(n, e)| {
+            e["sequence_number"] = json!(n);
+            Ok(Bytes::from(format!(
+                "event: {}\ndata: {e}\n\n",
+                e["type"].as_str().unwrap()
+            )))
+        })
+        .collect();
+    match mode {
+        Mode::BrokenStream => {
+            frames.truncate(4);
+            frames.push(Err(std::io::Error::other("connection reset by test upstream")));
+        }
+        Mode::GarbageStream => frames.insert(
+            3,
+            Ok(Bytes::from(
+                "event: response.output_text.delta\ndata: {not json\n\n",
+            )),
+        ),
+        _ => {}
     }
     let stream = futures::stream::iter(frames).then(|frame| async move {
         tokio::time::sleep(Duration::from_millis(5)).await;
